@@ -1,0 +1,198 @@
+"""Argument validation shared by every backend.
+
+Backends describe their arrays to these functions as ``(shape, dtype name)`` through an
+``inspect`` callable, so the same mistake gives the same exception type and the same message in
+every framework: ``TypeError`` for a wrong array type or dtype, ``ValueError`` for wrong shapes
+and values. dtypes are named by their numpy names (``int32``) and shapes are tuples. Validation
+only reads its arguments; nothing is modified.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bnref.conventions import DEFAULT, Convention, get_convention
+
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MIN_RANK, MAX_RANK = 2, 5
+
+# inspect(value) -> (shape, dtype name), or None when value is not this framework's array.
+Inspect = Callable[[Any], "tuple[tuple[int, ...], str] | None"]
+
+
+@dataclass(frozen=True)
+class BatchNormArgs:
+    """The validated, resolved arguments of a ``batch_norm`` call."""
+
+    axis: int  # non-negative channel axis
+    reduce_axes: tuple[int, ...]  # every other axis
+    num_channels: int
+    count: int  # values per channel
+    eps: float
+    momentum: float
+    convention: Convention
+    has_running_stats: bool
+
+
+def _describe(value: Any, inspect: Inspect) -> str:
+    if value is None:
+        return "None"
+    info = inspect(value)
+    return f"shape {info[0]}" if info else type(value).__name__
+
+
+def _array(name: str, value: Any, inspect: Inspect, array_type: str) -> tuple[tuple[int, ...], str]:
+    info = inspect(value)
+    if info is None:
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise TypeError(f"{name} must be a {array_type}, got {kind}")
+    shape, dtype = tuple(int(d) for d in info[0]), str(info[1])
+    if dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {dtype}"
+        )
+    return shape, dtype
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def _is_real(value: Any) -> bool:
+    # numbers.Real covers Python and numpy scalars without importing numpy.
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def check_eps(eps: Any) -> float:
+    if not _is_real(eps):
+        raise TypeError(f"eps must be a float > 0, got {eps!r}")
+    if not (math.isfinite(float(eps)) and float(eps) > 0):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum: Any, *, allow_none: bool) -> float | None:
+    if momentum is None:
+        if allow_none:
+            return None
+        raise ValueError(
+            "momentum must be a float in [0, 1], got None: the cumulative average needs the "
+            "batch counter of a layer (BatchNorm(momentum=None))"
+        )
+    if not _is_real(momentum):
+        raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:  # NaN fails this too
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_axis(axis: Any, ndim: int) -> int:
+    if _is_bool(axis) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= int(axis) < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim - 1}] for x of rank {ndim}, got {axis}")
+    return int(axis) % ndim
+
+
+def check_batch_norm_args(
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    running_mean: Any,
+    running_var: Any,
+    *,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    axis: Any,
+    convention: Any,
+    inspect: Inspect,
+    array_type: str,
+) -> BatchNormArgs:
+    """Validate a ``batch_norm`` call and resolve the convention's defaults.
+
+    ``array_type`` names the framework's array type in messages ("torch.Tensor").
+    """
+    x_shape, _ = _array("x", x, inspect, array_type)
+    ndim = len(x_shape)
+    if not MIN_RANK <= ndim <= MAX_RANK:
+        raise ValueError(
+            f"x must have rank {MIN_RANK} to {MAX_RANK}, got rank {ndim} with shape {x_shape}"
+        )
+    if math.prod(x_shape) == 0:
+        raise ValueError(f"x must hold at least one value per channel, got shape {x_shape}")
+    conv = get_convention(convention)
+    channel_axis = check_axis(conv.default_axis if axis is None else axis, ndim)
+    resolved_eps = conv.default_eps if eps is None else check_eps(eps)
+    resolved_momentum = (
+        conv.default_momentum if momentum is DEFAULT else check_momentum(momentum, allow_none=False)
+    )
+    training = check_bool("training", training)
+
+    num_channels = x_shape[channel_axis]
+    for name, value in (("gamma", gamma), ("beta", beta),
+                        ("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            continue
+        shape, _ = _array(name, value, inspect, array_type)
+        if shape != (num_channels,):
+            raise ValueError(
+                f"{name} must have shape ({num_channels},) to match the {num_channels} channels "
+                f"of x on axis {channel_axis}, got shape {shape}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together or both be None, got "
+            f"running_mean={_describe(running_mean, inspect)} and "
+            f"running_var={_describe(running_var, inspect)}"
+        )
+
+    count = math.prod(x_shape) // num_channels
+    uses_batch_stats = training or running_mean is None
+    if uses_batch_stats and count == 1 and conv.single_value_error:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input of shape "
+            f"{x_shape} (channel axis {channel_axis})"
+        )
+    reduce_axes = tuple(i for i in range(ndim) if i != channel_axis)
+    return BatchNormArgs(channel_axis, reduce_axes, num_channels, count, resolved_eps,
+                         resolved_momentum, conv, running_mean is not None)
+
+
+def check_like(name: str, value: Any, shape: tuple[int, ...], *, inspect: Inspect,
+               array_type: str) -> None:
+    """``value`` must be a floating array of exactly ``shape`` (e.g. ``dy`` against ``x``)."""
+    got, _ = _array(name, value, inspect, array_type)
+    if got != tuple(shape):
+        raise ValueError(f"{name} must have the shape of x, {tuple(shape)}, got shape {got}")
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    convention: Convention
+    momentum: float | None  # None: cumulative average
+    eps: float
+
+
+def check_layer_args(
+    num_features: Any, *, momentum: Any, eps: Any, convention: Any
+) -> LayerArgs:
+    """Validate a layer constructor's arguments; an omitted momentum is the convention's."""
+    if _is_bool(num_features) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    conv = get_convention(convention)
+    resolved_momentum = (
+        conv.default_momentum if momentum is DEFAULT else check_momentum(momentum, allow_none=True)
+    )
+    resolved_eps = conv.default_eps if eps is None else check_eps(eps)
+    return LayerArgs(conv, resolved_momentum, resolved_eps)

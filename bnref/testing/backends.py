@@ -1,0 +1,168 @@
+"""Backend adapters: the only place the shared suite learns how to drive a framework.
+
+A :class:`Backend` converts numpy arrays to the framework's arrays and back, calls its
+``batch_norm``, differentiates it and builds its layer behind a small :class:`LayerHandle`.
+The suite and ``bnref check`` speak numpy to adapters only. The registry knows every backend
+by name and finds installed ones with ``importlib.util.find_spec``: nothing is imported until a
+backend is asked for.
+
+To check your own implementation, subclass :class:`Backend` (a numpy function needs only
+``batch_norm``), and point the suite's ``backend`` fixture at it; see the README.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from bnref.conventions import DEFAULT
+
+__all__ = [
+    "KNOWN_BACKENDS",
+    "Backend",
+    "BackendInfo",
+    "LayerConfig",
+    "LayerHandle",
+    "installed_backends",
+    "is_installed",
+    "load_backend",
+    "register_backend",
+    "required_backends",
+]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A layer's constructor arguments in bnref's terms (``momentum``: DEFAULT, None or float)."""
+
+    num_features: int
+    convention: str = "torch"
+    momentum: Any = DEFAULT
+    eps: float | None = None
+    affine: bool = True
+    track_running_stats: bool = True
+    axis: int | None = None
+    param_dtype: str = "float32"
+
+    def with_(self, **changes: Any) -> LayerConfig:
+        return replace(self, **changes)
+
+
+class LayerHandle(Protocol):
+    """A framework's layer behind numpy in, numpy out.
+
+    ``state()``/``load_state()`` use canonical names: ``gamma``, ``beta`` (when affine),
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` (when tracking).
+    """
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray: ...
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+class Backend:
+    """How the shared suite drives one implementation. Override what your framework needs.
+
+    ``batch_norm`` is the functional API of ``bnref/DESIGN.md`` on native arrays. The numpy
+    defaults of :meth:`asarray`/:meth:`to_numpy` fit any numpy implementation.
+    """
+
+    name: str = "custom"
+    array_type: str = "numpy.ndarray"
+    dtypes: tuple[str, ...] = ("float32", "float64")
+
+    # -- arrays ---------------------------------------------------------------------------
+    def asarray(self, array: np.ndarray) -> Any:
+        """A native copy of ``array`` with the same dtype (bfloat16 arrays via ml_dtypes)."""
+        return np.array(array, copy=True)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return np.asarray(array)
+
+    # -- functional -----------------------------------------------------------------------
+    def batch_norm(self, x, gamma, beta, running_mean, running_var, **kwargs: Any):
+        raise NotImplementedError(f"backend {self.name!r} has no batch_norm")
+
+    def run_batch_norm(self, x, gamma, beta, running_mean, running_var, **kwargs: Any):
+        """``batch_norm`` on numpy inputs, numpy outputs (``None`` stays ``None``)."""
+        native = [None if a is None else self.asarray(a)
+                  for a in (x, gamma, beta, running_mean, running_var)]
+        return tuple(None if r is None else self.to_numpy(r)
+                     for r in self.batch_norm(*native, **kwargs))
+
+    def gradients(self, x, gamma, beta, dy, **kwargs: Any):
+        """Training-mode ``(dx, dgamma, dbeta)`` of ``sum(batch_norm(x, ...)[0] * dy)``.
+
+        ``dgamma``/``dbeta`` are ``None`` when ``gamma``/``beta`` are.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no gradients")
+
+    # -- layer ----------------------------------------------------------------------------
+    def make_layer(self, config: LayerConfig) -> LayerHandle:
+        raise NotImplementedError(f"backend {self.name!r} has no layer")
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    framework: str  # the module whose presence means "installed"
+    factory: str | Callable[[], Backend]  # "module:Class" (imported lazily) or a callable
+
+
+KNOWN_BACKENDS: dict[str, BackendInfo] = {
+    "numpy": BackendInfo("numpy", "numpy", "bnref.testing._numpy:NumpyBackend"),
+}
+
+_LOADED: dict[str, Backend] = {}
+
+
+def register_backend(name: str, framework: str, factory: str | Callable[[], Backend]) -> None:
+    """Make a backend known to the registry (and so to ``bnref check`` and the suite)."""
+    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory)
+    _LOADED.pop(name, None)
+
+
+def is_installed(name: str) -> bool:
+    info = KNOWN_BACKENDS[name]
+    return importlib.util.find_spec(info.framework) is not None
+
+
+def installed_backends() -> list[str]:
+    return [name for name in KNOWN_BACKENDS if is_installed(name)]
+
+
+def required_backends() -> list[str]:
+    """Backends named in ``BNREF_REQUIRE`` (comma-separated, or ``all``): missing is an error."""
+    raw = os.environ.get("BNREF_REQUIRE", "").strip()
+    if raw == "all":
+        return list(KNOWN_BACKENDS)
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KNOWN_BACKENDS]
+    if unknown:
+        raise ValueError(f"BNREF_REQUIRE names unknown backends {unknown}; "
+                         f"known: {sorted(KNOWN_BACKENDS)}")
+    return names
+
+
+def load_backend(name: str) -> Backend:
+    """The adapter for ``name`` (imports its framework on first use)."""
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(KNOWN_BACKENDS)}")
+    if name not in _LOADED:
+        factory = KNOWN_BACKENDS[name].factory
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+        _LOADED[name] = factory()
+    return _LOADED[name]

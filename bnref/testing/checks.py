@@ -1,0 +1,280 @@
+"""Comparisons of a backend with the float64 oracle, shared by the test suite and ``bnref check``.
+
+Each function runs one case through a :class:`~bnref.testing.backends.Backend` and returns
+:class:`~bnref.testing.tolerances.Comparison` results; the suite asserts them, ``bnref check``
+tabulates them. The oracle is :mod:`bnref.numpy` run in float64 on the exact same (already
+rounded) inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import bnref.numpy as oracle
+from bnref.conventions import get_convention
+from bnref.testing.backends import Backend
+from bnref.testing.strategies import BNCase, LayerCase
+from bnref.testing.tolerances import (
+    ChannelStats,
+    Comparison,
+    compare,
+    forward_tolerance,
+    gradient_tolerances,
+    override_factor,
+    running_stat_tolerances,
+)
+
+__all__ = [
+    "MISTAKES",
+    "Mistake",
+    "check_forward",
+    "check_gradients",
+    "check_layer",
+    "check_mistake",
+    "oracle_forward",
+]
+
+
+def _exact(what: str, ok: bool, detail: str) -> Comparison:
+    return Comparison(what, 0.0 if ok else np.inf, 0.0, 0.0 if ok else np.inf, detail)
+
+
+def _dtype_check(what: str, array: np.ndarray | None, expected: str) -> Comparison:
+    got = None if array is None else array.dtype.name
+    return _exact(f"{what} dtype", got == expected, f"  expected {expected}, got {got}")
+
+
+def oracle_forward(case: BNCase):
+    wide = case.as_float64()
+    return oracle.batch_norm(*wide.arrays, **wide.kwargs())
+
+
+def check_forward(backend: Backend, case: BNCase, check: str = "forward") -> list[Comparison]:
+    """``batch_norm`` output and new running statistics vs the oracle."""
+    factor = override_factor(backend.name, case.dtype, check)
+    y, new_mean, new_var = backend.run_batch_norm(*case.arrays, **case.kwargs())
+    ref_y, ref_mean, ref_var = oracle_forward(case)
+    axis = case.channel_axis
+    batch_stats = case.training or case.running_mean is None
+    if batch_stats:
+        stats = ChannelStats.of(case.x, axis)
+        mean, var = stats.mean, stats.var
+    else:
+        mean, var = case.running_mean, case.running_var
+    tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta, eps=case.resolved_eps,
+                            mean=mean, var=var, batch_stats=batch_stats, factor=factor)
+    results = [_dtype_check("y", y, case.dtype), compare(y, ref_y, tol, "y")]
+    if case.running_mean is None or not case.training:
+        # No update: None stays None, and inference hands the statistics back unchanged.
+        results += [compare(new_mean, case.running_mean, 0.0, "running_mean (unchanged)"),
+                    compare(new_var, case.running_var, 0.0, "running_var (unchanged)")]
+        return results
+    conv = get_convention(case.convention)
+    stat_dtype = case.running_mean.dtype.name
+    mean_tol, var_tol = running_stat_tolerances(
+        case.x, axis, old_mean=case.running_mean, old_var=case.running_var,
+        new_value_weight=conv.new_value_weight(case.resolved_momentum), stat_dtype=stat_dtype,
+        factor=factor)
+    return [
+        *results,
+        _dtype_check("running_mean", new_mean, stat_dtype),
+        compare(new_mean, ref_mean, mean_tol, "running_mean"),
+        compare(new_var, ref_var, var_tol, "running_var"),
+    ]
+
+
+def check_gradients(backend: Backend, case: BNCase, dy: np.ndarray,
+                    check: str = "gradients") -> list[Comparison]:
+    """Training-mode ``(dx, dgamma, dbeta)`` vs the oracle's analytic backward."""
+    factor = override_factor(backend.name, case.dtype, check)
+    kwargs = {"eps": case.eps, "axis": case.axis, "convention": case.convention}
+    dx, dgamma, dbeta = backend.gradients(case.x, case.gamma, case.beta, dy, **kwargs)
+    wide = case.as_float64()
+    ref = oracle.batch_norm_backward(dy.astype(np.float64), wide.x, wide.gamma, beta=wide.beta,
+                                     **kwargs)
+    pdtype = case.gamma.dtype.name if case.gamma is not None else (
+        "float64" if case.dtype == "float64" else "float32")
+    tol_dx, tol_dgamma, tol_dbeta = gradient_tolerances(
+        case.x, dy, case.channel_axis, gamma=case.gamma, eps=case.resolved_eps,
+        param_dtype=pdtype, factor=factor)
+    return [
+        _dtype_check("dx", dx, case.dtype),
+        compare(dx, ref[0], tol_dx, "dx"),
+        compare(dgamma, ref[1], tol_dgamma, "dgamma"),
+        compare(dbeta, ref[2], tol_dbeta, "dbeta"),
+    ]
+
+
+def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list[Comparison]:
+    """A training trajectory then inference through the backend's layer vs the oracle layer.
+
+    Running-statistic tolerances add up over the steps (each step's error is carried with a
+    weight of at most 1); the inference output's tolerance includes what those errors move it.
+    """
+    config = case.config
+    dtype = case.eval_batch.dtype.name
+    factor = override_factor(backend.name, dtype, check)
+    layer = backend.make_layer(config)
+    ref = oracle.BatchNorm(config.num_features, momentum=config.momentum, eps=config.eps,
+                           affine=config.affine, track_running_stats=config.track_running_stats,
+                           axis=config.axis, convention=config.convention, dtype=np.float64)
+    if case.initial_state is not None:
+        layer.load_state(case.initial_state)
+        names = {"gamma": "weight", "beta": "bias"}
+        ref.load_state_dict({names.get(k, k): v for k, v in case.initial_state.items()})
+    conv, axis, eps = ref.convention, case.channel_axis, ref.eps
+    results: list[Comparison] = []
+    mean_err = np.zeros(config.num_features)
+    var_err = np.zeros(config.num_features)
+    for step, batch in enumerate((*case.batches, case.eval_batch)):
+        training = step < len(case.batches)
+        old_mean, old_var = ref.running_mean, ref.running_var
+        gamma, beta = ref.weight, ref.bias
+        y = layer.forward(batch, training=training)
+        ref_y = ref(batch.astype(np.float64), training=training)
+        label = f"step {step + 1} ({'train' if training else 'eval'})"
+        batch_stats = training or old_mean is None
+        stats = ChannelStats.of(batch, axis)
+        mean, var = (stats.mean, stats.var) if batch_stats else (old_mean, old_var)
+        tol = forward_tolerance(batch, axis, gamma=gamma, beta=beta, eps=eps, mean=mean, var=var,
+                                batch_stats=batch_stats, factor=factor)
+        if not batch_stats:  # what the running statistics' own errors move the output by
+            sigma = np.sqrt(np.asarray(old_var) + eps)
+            x_hat = (stats.max_abs + np.abs(old_mean)) / sigma
+            g = np.ones_like(sigma) if gamma is None else np.abs(gamma)
+            shape = [1] * batch.ndim
+            shape[axis] = -1
+            tol = tol + (g * (mean_err / sigma + x_hat * var_err / (2 * sigma**2))).reshape(shape)
+        results += [_dtype_check(f"{label} y", y, dtype), compare(y, ref_y, tol, f"{label} y")]
+        state = layer.state()
+        if config.track_running_stats and training:
+            weight = 1.0 / ref.num_batches_tracked if config.momentum is None else (
+                conv.new_value_weight(ref.momentum))
+            step_mean, step_var = running_stat_tolerances(
+                batch, axis, old_mean=old_mean, old_var=old_var, new_value_weight=weight,
+                stat_dtype=config.param_dtype, factor=factor)
+            mean_err, var_err = mean_err + step_mean, var_err + step_var
+        if config.track_running_stats:
+            results += [
+                compare(state.get("running_mean"), ref.running_mean, mean_err,
+                        f"{label} running_mean"),
+                compare(state.get("running_var"), ref.running_var, var_err,
+                        f"{label} running_var"),
+                _exact(f"{label} num_batches_tracked",
+                       int(state.get("num_batches_tracked", -1)) == ref.num_batches_tracked,
+                       f"  expected {ref.num_batches_tracked}, got "
+                       f"{state.get('num_batches_tracked')}"),
+            ]
+        else:
+            results.append(_exact(f"{label} no running stats",
+                                  "running_mean" not in state and "running_var" not in state,
+                                  f"  state has {sorted(state)}"))
+    return results
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """One wrong call: ``change`` turns the valid base call into it."""
+
+    id: str
+    error: type[Exception]
+    message: str  # the exact message; "{array_type}" is the backend's array type name
+    change: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def base_call() -> dict[str, Any]:
+    """A valid call: x (4, 3, 2) float32, channels on axis 1, every optional array given."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    return {
+        "x": x, "gamma": np.full(3, 1.5, np.float32), "beta": np.full(3, 0.5, np.float32),
+        "running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32),
+        "training": True, "momentum": 0.1, "eps": 1e-5, "axis": 1, "convention": "torch",
+    }
+
+
+def _set(**changes: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda call: {**call, **changes}
+
+
+_FLOATING = "float16, bfloat16, float32, float64"
+MISTAKES: tuple[Mistake, ...] = (
+    Mistake("rank-1", ValueError, "x must have rank 2 to 5, got rank 1 with shape (3,)",
+            _set(x=np.ones(3, np.float32))),
+    Mistake("rank-6", ValueError,
+            "x must have rank 2 to 5, got rank 6 with shape (2, 3, 1, 1, 1, 1)",
+            _set(x=np.ones((2, 3, 1, 1, 1, 1), np.float32))),
+    Mistake("gamma-channels", ValueError,
+            "gamma must have shape (3,) to match the 3 channels of x on axis 1, got shape (4,)",
+            _set(gamma=np.ones(4, np.float32))),
+    Mistake("running-var-channels", ValueError,
+            "running_var must have shape (3,) to match the 3 channels of x on axis 1, "
+            "got shape (2,)", _set(running_var=np.ones(2, np.float32))),
+    Mistake("int-x", TypeError, f"x must have a floating dtype ({_FLOATING}), got int32",
+            _set(x=np.ones((4, 3, 2), np.int32))),
+    Mistake("int-gamma", TypeError, f"gamma must have a floating dtype ({_FLOATING}), got int64",
+            _set(gamma=np.ones(3, np.int64))),
+    Mistake("not-an-array", TypeError, "x must be a {array_type}, got builtins.list",
+            _set(x=[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])),
+    Mistake("eps-zero", ValueError, "eps must be a finite float > 0, got 0.0", _set(eps=0.0)),
+    Mistake("eps-negative", ValueError, "eps must be a finite float > 0, got -1e-05",
+            _set(eps=-1e-5)),
+    Mistake("momentum-above-1", ValueError, "momentum must be in [0, 1], got 1.5",
+            _set(momentum=1.5)),
+    Mistake("momentum-negative", ValueError, "momentum must be in [0, 1], got -0.1",
+            _set(momentum=-0.1)),
+    Mistake("momentum-none", ValueError,
+            "momentum must be a float in [0, 1], got None: the cumulative average needs the "
+            "batch counter of a layer (BatchNorm(momentum=None))", _set(momentum=None)),
+    Mistake("running-var-missing", ValueError,
+            "running_mean and running_var must be given together or both be None, got "
+            "running_mean=shape (3,) and running_var=None", _set(running_var=None)),
+    Mistake("axis-out-of-range", ValueError, "axis must be in [-3, 2] for x of rank 3, got 3",
+            _set(axis=3)),
+    Mistake("one-value-per-channel", ValueError,
+            "Expected more than 1 value per channel when training, got input of shape (1, 3) "
+            "(channel axis 1)", _set(x=np.ones((1, 3), np.float32))),
+    Mistake("unknown-convention", ValueError,
+            "convention must be one of ['flax', 'keras', 'mxnet', 'onnx', 'torch'] or a "
+            "Convention, got 'pytorch'", _set(convention="pytorch")),
+)
+
+
+def check_mistake(backend: Backend, mistake: Mistake) -> list[Comparison]:
+    """The wrong call raises the contract's exception and message and modifies nothing."""
+    call = mistake.change(base_call())
+    array_names = ("x", "gamma", "beta", "running_mean", "running_var")
+    native = {name: backend.asarray(value) if isinstance(value, np.ndarray) else value
+              for name, value in call.items()}
+    before = {name: np.array(backend.to_numpy(native[name]), copy=True)
+              for name in array_names if isinstance(call[name], np.ndarray)}
+    args = [native[name] for name in array_names]
+    kwargs = {k: v for k, v in native.items() if k not in array_names}
+    expected = mistake.message.format(array_type=backend.array_type)
+    try:
+        backend.batch_norm(*args, **kwargs)
+    except Exception as error:  # the comparison below reports any other exception
+        raised = error
+    else:
+        raised = None
+    got = "nothing" if raised is None else f"{type(raised).__name__}: {raised}"
+    results = [
+        _exact(f"{mistake.id} raises", type(raised) is mistake.error,
+               f"  expected {mistake.error.__name__}, got {got}"),
+        _exact(f"{mistake.id} message", raised is not None and str(raised) == expected,
+               f"  expected {expected!r}, got {got!r}"),
+    ]
+    for name, value in before.items():
+        after = backend.to_numpy(native[name])
+        same = after.shape == value.shape and bool(np.array_equal(after, value, equal_nan=True))
+        results.append(_exact(f"{mistake.id} leaves {name} unchanged", same,
+                              f"  {name} changed"))
+    return results
+

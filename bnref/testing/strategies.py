@@ -1,0 +1,285 @@
+"""Hypothesis strategies for batch-norm cases: the only place test inputs are drawn.
+
+Inputs are built as ``offset_c + spread_c * unit`` per channel, with ``unit`` in [-1, 1] from
+``hypothesis.extra.numpy.arrays`` (which fills many positions with one repeated value, so
+constant and near-constant channels come for free), offsets up to 1e4 in magnitude and spreads
+from 1e-3 to 1e2 (or exactly 0: a constant channel), then rounded to the case's dtype. The
+float64 oracle always sees exactly the rounded values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bnref.conventions import CONVENTIONS, DEFAULT, get_convention
+from bnref.testing.backends import LayerConfig
+from bnref.testing.tolerances import MAX_FINITE
+
+__all__ = [
+    "BNCase",
+    "LayerCase",
+    "bn_cases",
+    "layer_cases",
+    "numpy_dtype",
+    "param_dtype",
+]
+
+ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Largest side per rank keeps every array small (at most a few hundred values).
+_MAX_SIDE = {2: 24, 3: 8, 4: 5, 5: 3}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a name; bfloat16 comes from ml_dtypes."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def param_dtype(dtype: str) -> str:
+    """Parameters and running statistics: float64 with float64 data, float32 otherwise."""
+    return "float64" if dtype == "float64" else "float32"
+
+
+@dataclass(frozen=True)
+class BNCase:
+    """One ``batch_norm`` call: arrays in numpy, arguments as the user would pass them."""
+
+    x: np.ndarray
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    training: bool
+    momentum: Any = DEFAULT
+    eps: float | None = None
+    axis: int | None = None
+    convention: str = "torch"
+
+    @property
+    def arrays(self) -> tuple[np.ndarray | None, ...]:
+        return (self.x, self.gamma, self.beta, self.running_mean, self.running_var)
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"training": self.training, "eps": self.eps, "axis": self.axis,
+                               "convention": self.convention}
+        if self.momentum is not DEFAULT:
+            out["momentum"] = self.momentum
+        return out
+
+    @property
+    def channel_axis(self) -> int:
+        axis = get_convention(self.convention).default_axis if self.axis is None else self.axis
+        return axis % self.x.ndim
+
+    @property
+    def resolved_eps(self) -> float:
+        return get_convention(self.convention).default_eps if self.eps is None else self.eps
+
+    @property
+    def resolved_momentum(self) -> float:
+        conv = get_convention(self.convention)
+        return conv.default_momentum if self.momentum is DEFAULT else self.momentum
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype.name
+
+    def with_(self, **changes: Any) -> BNCase:
+        return replace(self, **changes)
+
+    def as_float64(self) -> BNCase:
+        """The same case with every array widened (exactly) to float64: the oracle's input."""
+        return replace(self, **{
+            name: None if value is None else value.astype(np.float64)
+            for name, value in zip(("x", "gamma", "beta", "running_mean", "running_var"),
+                                   self.arrays, strict=True)
+        })
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """A layer run: several training batches, then one inference batch."""
+
+    config: LayerConfig
+    batches: tuple[np.ndarray, ...]
+    eval_batch: np.ndarray
+    initial_state: dict[str, np.ndarray] | None = field(default=None)
+
+    @property
+    def channel_axis(self) -> int:
+        conv = get_convention(self.config.convention)
+        axis = conv.default_axis if self.config.axis is None else self.config.axis
+        return axis % self.eval_batch.ndim
+
+
+_offsets = st.one_of(st.just(0.0), st.floats(-10, 10), st.floats(-1e4, 1e4))
+_spreads = st.one_of(st.just(0.0), st.floats(-3, 2).map(lambda e: 10.0**e))
+_units = st.floats(-1, 1, allow_subnormal=False)
+
+
+@st.composite
+def _shape(draw, rank: int, channel_axis: int, channels: int, min_per_channel: int):
+    side = _MAX_SIDE[rank]
+    dims = draw(st.lists(st.integers(1, side), min_size=rank - 1, max_size=rank - 1))
+    if math.prod(dims) < min_per_channel:
+        dims[0] = min_per_channel
+    dims.insert(channel_axis, channels)
+    return tuple(dims)
+
+
+@st.composite
+def _values(draw, shape: tuple[int, ...], channel_axis: int, dtype: str,
+            offsets: np.ndarray | None = None, spreads: np.ndarray | None = None):
+    """(x in dtype, offsets, spreads): per channel offset + spread * unit."""
+    channels = shape[channel_axis]
+    if offsets is None:
+        offsets = np.array(draw(st.lists(_offsets, min_size=channels, max_size=channels)))
+    if spreads is None:
+        spreads = np.array(draw(st.lists(_spreads, min_size=channels, max_size=channels)))
+    unit = draw(arrays(np.float64, shape, elements=_units))
+    per_channel = [1] * len(shape)
+    per_channel[channel_axis] = channels
+    x = offsets.reshape(per_channel) + spreads.reshape(per_channel) * unit
+    return x.astype(numpy_dtype(dtype)), offsets, spreads
+
+
+def _vector(draw, channels: int, dtype: str, elements) -> np.ndarray:
+    return draw(arrays(np.float64, (channels,), elements=elements)).astype(dtype)
+
+
+_running_var = st.floats(-3, 4).map(lambda e: 10.0**e)
+
+
+def _keep_inference_finite(x, channel_axis, gamma, beta, running_mean, running_var):
+    """Raise running_var where inference would overflow x's dtype (float16 tops out at 65504):
+    an overflowing output has no finite reference to compare with."""
+    limit = 0.25 * MAX_FINITE[x.dtype.name]
+    x64 = np.moveaxis(x.astype(np.float64), channel_axis, -1).reshape(-1, x.shape[channel_axis])
+    reach = np.abs(x64 - running_mean.astype(np.float64)).max(axis=0)
+    g = 1.0 if gamma is None else np.abs(gamma.astype(np.float64))
+    b = 0.0 if beta is None else np.abs(beta.astype(np.float64))
+    needed = (g * reach / np.maximum(limit - b, 1.0)) ** 2
+    return np.maximum(running_var, needed).astype(running_var.dtype)
+_momentum = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.1, 0.9, 0.99, 1.0]),
+                      st.floats(0, 1))
+_eps = st.one_of(st.none(), st.sampled_from([1e-5, 1e-3, 0.1]), st.floats(-6, 0).map(
+    lambda e: 10.0**e))
+
+
+@st.composite
+def _axis(draw, rank: int, convention: str):
+    """(channel axis as a non-negative int, axis as passed: non-negative, negative or None)."""
+    channel_axis = draw(st.integers(0, rank - 1))
+    choices = [channel_axis, channel_axis - rank]
+    if get_convention(convention).default_axis % rank == channel_axis:
+        choices.append(None)
+    return channel_axis, draw(st.sampled_from(choices))
+
+
+@st.composite
+def bn_cases(
+    draw,
+    *,
+    dtypes: tuple[str, ...] = ("float32",),
+    conventions: tuple[str, ...] = tuple(CONVENTIONS),
+    training: bool | None = None,
+    running_stats: bool | None = None,
+    affine: bool | None = None,
+    ranks: tuple[int, int] = (2, 5),
+    max_channels: int = 4,
+    min_per_channel: int = 2,
+    offsets: bool = True,
+) -> BNCase:
+    """A valid ``batch_norm`` call. ``None`` for a flag means "either".
+
+    ``offsets=False`` keeps every channel centred (offset 0): for properties that need a
+    well-conditioned batch.
+    """
+    dtype = draw(st.sampled_from(dtypes))
+    convention = draw(st.sampled_from(conventions))
+    rank = draw(st.integers(*ranks))
+    channel_axis, axis = draw(_axis(rank, convention))
+    channels = draw(st.integers(1, max_channels))
+    shape = draw(_shape(rank, channel_axis, channels, min_per_channel))
+    zero = np.zeros(channels) if not offsets else None
+    x, _, _ = draw(_values(shape, channel_axis, dtype, offsets=zero))
+    pdtype = param_dtype(dtype)
+    use_affine = draw(st.booleans()) if affine is None else affine
+    gamma = _vector(draw, channels, pdtype, st.floats(-2, 2)) if use_affine else None
+    beta = _vector(draw, channels, pdtype, st.floats(-5, 5)) if use_affine else None
+    if use_affine and draw(st.booleans()):  # gamma and beta are independent in the API
+        gamma, beta = draw(st.sampled_from([(gamma, None), (None, beta)]))
+    with_stats = draw(st.booleans()) if running_stats is None else running_stats
+    running_mean = _vector(draw, channels, pdtype, _offsets) if with_stats else None
+    running_var = _vector(draw, channels, pdtype, _running_var) if with_stats else None
+    if with_stats:
+        running_var = _keep_inference_finite(x, channel_axis, gamma, beta, running_mean,
+                                             running_var)
+    return BNCase(
+        x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
+        training=draw(st.booleans()) if training is None else training,
+        momentum=draw(_momentum), eps=draw(_eps), axis=axis, convention=convention,
+    )
+
+
+@st.composite
+def layer_cases(
+    draw,
+    *,
+    dtypes: tuple[str, ...] = ("float32",),
+    conventions: tuple[str, ...] = tuple(CONVENTIONS),
+    momentum=None,
+    track_running_stats: bool | None = None,
+    ranks: tuple[int, int] = (2, 5),
+    max_channels: int = 4,
+    max_steps: int = 4,
+    load_state: bool | None = None,
+) -> LayerCase:
+    """Several training batches (same channels, same per-channel offsets) and an eval batch.
+
+    ``momentum`` is a strategy (default: DEFAULT, None or a float in [0, 1]).
+    """
+    dtype = draw(st.sampled_from(dtypes))
+    convention = draw(st.sampled_from(conventions))
+    rank = draw(st.integers(*ranks))
+    channel_axis, axis = draw(_axis(rank, convention))
+    channels = draw(st.integers(1, max_channels))
+    momentum_strategy = momentum if momentum is not None else st.one_of(st.none(), _momentum)
+    pdtype = param_dtype(dtype)
+    config = LayerConfig(
+        num_features=channels, convention=convention, momentum=draw(momentum_strategy),
+        eps=draw(_eps), affine=draw(st.booleans()),
+        track_running_stats=(draw(st.booleans()) if track_running_stats is None
+                             else track_running_stats),
+        axis=axis, param_dtype=pdtype,
+    )
+    steps = draw(st.integers(1, max_steps))
+    first, offsets, spreads = draw(_values(draw(_shape(rank, channel_axis, channels, 2)),
+                                           channel_axis, dtype))
+    batches = [first]
+    for _ in range(steps):  # later batches may change size, not channels or distribution
+        shape = draw(_shape(rank, channel_axis, channels, 2))
+        batches.append(draw(_values(shape, channel_axis, dtype, offsets, spreads))[0])
+    initial_state = None
+    if load_state if load_state is not None else draw(st.booleans()):
+        initial_state = {}
+        if config.affine:
+            initial_state["gamma"] = _vector(draw, channels, pdtype, st.floats(-2, 2))
+            initial_state["beta"] = _vector(draw, channels, pdtype, st.floats(-5, 5))
+        if config.track_running_stats:
+            # Loaded statistics come from data like this (a model trained on it), so the
+            # inference output stays in float16's range.
+            near = _vector(draw, channels, "float64", st.floats(-10, 10))
+            initial_state["running_mean"] = (offsets + near).astype(pdtype)
+            initial_state["running_var"] = _vector(draw, channels, pdtype, _running_var)
+            initial_state["num_batches_tracked"] = np.asarray(draw(st.integers(0, 5)), np.int64)
+    return LayerCase(config, tuple(batches[:-1]), batches[-1], initial_state)

@@ -1,0 +1,293 @@
+"""The shared property suite: every test here runs, unchanged, against any backend.
+
+Use it from a test module of your own::
+
+    from bnref.testing.suite import *  # noqa: F403  (the tests)
+
+    @pytest.fixture(scope="session")
+    def backend():
+        return MyBackend()             # a bnref.testing.Backend subclass
+
+bnref's own ``tests/test_suite.py`` does exactly that with a fixture parametrized over every
+registered backend. Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for
+the properties, from the mathematics directly (e.g. the running-statistic recurrence is
+re-derived here from the convention records, not taken from the code under test).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bnref.conventions import CONVENTIONS, get_convention
+from bnref.testing.backends import Backend
+from bnref.testing.checks import (
+    MISTAKES,
+    Mistake,
+    check_forward,
+    check_gradients,
+    check_layer,
+    check_mistake,
+)
+from bnref.testing.strategies import bn_cases, layer_cases
+from bnref.testing.tolerances import (
+    MAX_FINITE,
+    UNIT_ROUNDOFF,
+    ChannelStats,
+    Comparison,
+    compare,
+    forward_tolerance,
+    running_stat_tolerances,
+)
+
+__all__ = [
+    "test_bad_input_raises_and_modifies_nothing",
+    "test_batch_permutation_equivariance",
+    "test_cumulative_average_layer",
+    "test_forward_matches_oracle",
+    "test_gradients_match_oracle",
+    "test_inference_is_a_per_channel_affine_map",
+    "test_invariance_under_positive_affine_input_maps",
+    "test_layer_trajectory_matches_oracle",
+    "test_running_stat_recurrence",
+    "test_single_value_per_channel_outside_torch",
+    "test_training_output_has_mean_beta_and_std_gamma",
+]
+
+_NON_TORCH = tuple(name for name in CONVENTIONS if not CONVENTIONS[name].single_value_error)
+
+
+def assert_all(results: list[Comparison], context: object = "") -> None:
+    failures = [str(r) for r in results if not r.passed]
+    if failures:
+        raise AssertionError("\n".join([*failures, f"case: {context!r}"]))
+
+
+def _per_channel(values, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(values, np.float64).reshape(shape)
+
+
+@given(data=st.data())
+def test_forward_matches_oracle(backend: Backend, data) -> None:
+    """Output and running statistics agree with the float64 oracle, for every convention."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes), label="case")
+    assert_all(check_forward(backend, case), case)
+
+
+@given(data=st.data())
+def test_gradients_match_oracle(backend: Backend, data) -> None:
+    """dx, dgamma and dbeta of training-mode batch_norm agree with the analytic backward."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True), label="case")
+    dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
+    assert_all(check_gradients(backend, case, dy.astype(case.x.dtype)), case)
+
+
+@given(data=st.data())
+def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
+    """The native layer over several training steps, then inference, follows the oracle layer
+    (outputs, running statistics, batch counter), with and without loaded state."""
+    case = data.draw(layer_cases(dtypes=backend.dtypes), label="layer case")
+    assert_all(check_layer(backend, case), case)
+
+
+@given(data=st.data())
+def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> None:
+    """In training each channel of y has mean beta and std |gamma| * sqrt(var / (var + eps))
+    (that is |gamma| when var >> eps)."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, affine=True), label="case")
+    y = backend.run_batch_norm(*case.arrays, **case.kwargs())[0].astype(np.float64)
+    axis, eps = case.channel_axis, case.resolved_eps
+    stats = ChannelStats.of(case.x, axis)
+    gamma = np.ones(stats.mean.shape) if case.gamma is None else case.gamma.astype(np.float64)
+    beta = np.zeros(stats.mean.shape) if case.beta is None else case.beta.astype(np.float64)
+    tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta, eps=eps,
+                            mean=stats.mean, var=stats.var, batch_stats=True)
+    # The mean and the std of y each move by at most the largest element error.
+    channel_tol = np.moveaxis(np.broadcast_to(tol, y.shape), axis, -1).reshape(-1, y.shape[axis])
+    channel_tol = channel_tol.max(axis=0)
+    # Measure y's spread relative to its own size: squaring values near 1e-300 underflows.
+    y_channels = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis])
+    size = np.abs(y_channels).max(axis=0)
+    size = np.where(size > 0, size, 1.0)
+    y_mean = y_channels.mean(axis=0)
+    y_std = size * (y_channels / size).std(axis=0)
+    # ... and allow for this float64 measurement's own rounding.
+    channel_tol = channel_tol + 4 * UNIT_ROUNDOFF["float64"] * np.sqrt(len(y_channels)) * size
+    expected_std = np.abs(gamma) * np.sqrt(stats.var / (stats.var + eps))
+    assert_all([compare(y_mean, beta, channel_tol, "channel mean of y"),
+                compare(y_std, expected_std, channel_tol, "channel std of y")],
+               case)
+
+
+@given(data=st.data())
+def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> None:
+    """batch_norm(a * x + b) == batch_norm(x) for a > 0 once eps scales with a² (the only
+    place the scale of x survives); a is a power of two so a * x is exact."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=False),
+                     label="case")
+    a = 2.0 ** data.draw(st.integers(-3, 3), label="log2 a")
+    b = data.draw(st.floats(-100, 100), label="b")
+    shifted_x64 = a * case.x.astype(np.float64) + b
+    # Stay well inside the dtype's range (float16 ends at 65504).
+    assume(np.abs(shifted_x64).max() <= 0.25 * MAX_FINITE[case.dtype])
+    shifted_x = shifted_x64.astype(case.x.dtype)
+    eps = case.resolved_eps
+    shifted = case.with_(x=shifted_x, eps=eps * a * a)
+    y = backend.run_batch_norm(*case.arrays, **case.kwargs())[0]
+    y_shifted = backend.run_batch_norm(*shifted.arrays, **shifted.kwargs())[0]
+    axis = case.channel_axis
+
+    def tol_of(c):
+        stats = ChannelStats.of(c.x, axis)
+        return forward_tolerance(c.x, axis, gamma=c.gamma, beta=c.beta, eps=c.resolved_eps,
+                                 mean=stats.mean, var=stats.var, batch_stats=True)
+
+    # Rounding a*x+b to the dtype moves each value by up to v*|a*x+b|, i.e. xhat by that / sigma'.
+    shifted_stats = ChannelStats.of(shifted_x, axis)
+    sigma = np.sqrt(shifted_stats.var + eps * a * a)
+    gamma = 1.0 if case.gamma is None else np.abs(case.gamma.astype(np.float64))
+    input_rounding = 2 * UNIT_ROUNDOFF[case.dtype] * shifted_stats.max_abs / sigma * gamma
+    # ... and the variance by that relative amount, which moves xhat by up to sqrt(n) times it.
+    input_rounding = input_rounding * (1 + np.sqrt(shifted_stats.count))
+    tol = tol_of(case) + tol_of(shifted) + _per_channel(input_rounding, case.x.ndim, axis)
+    assert_all([compare(y_shifted, y, tol, "batch_norm(a*x+b) vs batch_norm(x)")], case)
+
+
+@given(data=st.data())
+def test_batch_permutation_equivariance(backend: Backend, data) -> None:
+    """Permuting the batch permutes the output the same way; running statistics do not move."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=True),
+                     label="case")
+    batch_axis = 0 if case.channel_axis != 0 else 1
+    perm = data.draw(st.permutations(range(case.x.shape[batch_axis])), label="permutation")
+    permuted = case.with_(x=np.take(case.x, perm, axis=batch_axis))
+    y, mean, var = backend.run_batch_norm(*case.arrays, **case.kwargs())
+    y_p, mean_p, var_p = backend.run_batch_norm(*permuted.arrays, **permuted.kwargs())
+    stats = ChannelStats.of(case.x, case.channel_axis)
+    tol = 2 * forward_tolerance(case.x, case.channel_axis, gamma=case.gamma, beta=case.beta,
+                                eps=case.resolved_eps, mean=stats.mean, var=stats.var,
+                                batch_stats=True)
+    conv = get_convention(case.convention)
+    mean_tol, var_tol = running_stat_tolerances(
+        case.x, case.channel_axis, old_mean=case.running_mean, old_var=case.running_var,
+        new_value_weight=conv.new_value_weight(case.resolved_momentum),
+        stat_dtype=case.running_mean.dtype.name)
+    assert_all([compare(y_p, np.take(y, perm, axis=batch_axis), tol, "y of permuted batch"),
+                compare(mean_p, mean, 2 * mean_tol, "running_mean of permuted batch"),
+                compare(var_p, var, 2 * var_tol, "running_var of permuted batch")], case)
+
+
+@given(data=st.data())
+def test_inference_is_a_per_channel_affine_map(backend: Backend, data) -> None:
+    """In inference y = A_c x + B_c with A = gamma / sqrt(running_var + eps) and
+    B = beta - running_mean * A, computed here in float64 from the case's own numbers."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=False, running_stats=True),
+                     label="case")
+    y = backend.run_batch_norm(*case.arrays, **case.kwargs())[0]
+    eps, axis, ndim = case.resolved_eps, case.channel_axis, case.x.ndim
+    channels = case.x.shape[axis]
+    gamma = np.ones(channels) if case.gamma is None else case.gamma.astype(np.float64)
+    beta = np.zeros(channels) if case.beta is None else case.beta.astype(np.float64)
+    slope = gamma / np.sqrt(case.running_var.astype(np.float64) + eps)
+    intercept = beta - case.running_mean.astype(np.float64) * slope
+    expected = (_per_channel(slope, ndim, axis) * case.x.astype(np.float64)
+                + _per_channel(intercept, ndim, axis))
+    tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta, eps=eps,
+                            mean=case.running_mean, var=case.running_var, batch_stats=False)
+    assert_all([compare(y, expected, tol, "inference output vs A*x+B")], case)
+
+
+@given(data=st.data())
+def test_running_stat_recurrence(backend: Backend, data) -> None:
+    """Chaining batch_norm over several batches follows each convention's recurrence,
+    re-derived here from the record: the new batch statistic gets weight m ("new") or 1 - m
+    ("old"), and the variance term is np.var with ddof=1 when the record says unbiased."""
+    first = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=True),
+                      label="first step")
+    steps = data.draw(st.integers(1, 3), label="extra steps")
+    # Later batches: the first one moved by up to 4 per value, rounded to the same dtype.
+    batches = [first.x] + [
+        (first.x.astype(np.float64) + data.draw(
+            arrays(np.float64, first.x.shape, elements=st.floats(-4, 4)), label=f"move {i}")
+         ).astype(first.x.dtype)
+        for i in range(steps)
+    ]
+    record = get_convention(first.convention)
+    m = first.resolved_momentum
+    # Both weights straight from m: 1 - (1 - m) would lose a tiny m entirely.
+    weight, old_weight = (m, 1.0 - m) if record.momentum_weights == "new" else (1.0 - m, m)
+    mean, var = first.running_mean, first.running_var
+    expected_mean = mean.astype(np.float64)
+    expected_var = var.astype(np.float64)
+    mean_tol, var_tol = np.zeros(mean.shape), np.zeros(var.shape)
+    axis = first.channel_axis
+    for batch in batches:
+        case = first.with_(x=batch, running_mean=mean, running_var=var)
+        _, mean, var = backend.run_batch_norm(*case.arrays, **case.kwargs())
+        x64 = np.moveaxis(batch.astype(np.float64), axis, -1).reshape(-1, batch.shape[axis])
+        ddof = 1 if record.unbiased_running_var else 0
+        expected_mean = old_weight * expected_mean + weight * x64.mean(axis=0)
+        expected_var = old_weight * expected_var + weight * x64.var(axis=0, ddof=ddof)
+        step_mean, step_var = running_stat_tolerances(
+            batch, axis, old_mean=expected_mean, old_var=expected_var,
+            new_value_weight=weight, stat_dtype=mean.dtype.name)
+        mean_tol = mean_tol + step_mean
+        var_tol = var_tol + step_var
+    assert_all([compare(mean, expected_mean, mean_tol, "running_mean after the steps"),
+                compare(var, expected_var, var_tol, "running_var after the steps")], first)
+
+
+@given(data=st.data())
+def test_cumulative_average_layer(backend: Backend, data) -> None:
+    """momentum=None: after k training batches a fresh layer's running statistics are the
+    plain averages of the k batch means and batch variances (unbiased where the convention
+    says so), whatever was there before the first batch."""
+    case = data.draw(layer_cases(dtypes=backend.dtypes, momentum=st.none(),
+                                 track_running_stats=True, load_state=False),
+                     label="layer case")
+    layer = backend.make_layer(case.config)
+    record = get_convention(case.config.convention)
+    axis = case.channel_axis
+    means, variances = [], []
+    mean_tol = var_tol = 0.0
+    for step, batch in enumerate(case.batches, start=1):
+        layer.forward(batch, training=True)
+        x64 = np.moveaxis(batch.astype(np.float64), axis, -1).reshape(-1, batch.shape[axis])
+        means.append(x64.mean(axis=0))
+        variances.append(x64.var(axis=0, ddof=1 if record.unbiased_running_var else 0))
+        step_mean, step_var = running_stat_tolerances(
+            batch, axis, old_mean=np.mean(means, axis=0), old_var=np.mean(variances, axis=0),
+            new_value_weight=1.0 / step, stat_dtype=case.config.param_dtype)
+        mean_tol, var_tol = mean_tol + step_mean, var_tol + step_var
+    state = layer.state()
+    assert_all([
+        compare(state["running_mean"], np.mean(means, axis=0), mean_tol, "running_mean"),
+        compare(state["running_var"], np.mean(variances, axis=0), var_tol, "running_var"),
+        compare(np.asarray(state["num_batches_tracked"]), np.asarray(len(case.batches)), 0.0,
+                "num_batches_tracked"),
+    ], case)
+
+
+@given(data=st.data())
+def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
+    """Only the torch convention refuses one value per channel in training; the others
+    normalise it to beta (its variance is 0) and move the running variance towards 0."""
+    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, conventions=_NON_TORCH,
+                              min_per_channel=1), label="case")
+    first_values = tuple(slice(None) if i == case.channel_axis else slice(0, 1)
+                         for i in range(case.x.ndim))
+    case = case.with_(x=np.ascontiguousarray(case.x[first_values]))
+    assert_all(check_forward(backend, case), case)
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.id)
+def test_bad_input_raises_and_modifies_nothing(backend: Backend, mistake: Mistake) -> None:
+    """Each mistake of the contract raises the same exception with the same message, and
+    every array passed in is left as it was."""
+    assert_all(check_mistake(backend, mistake), mistake.id)
+
