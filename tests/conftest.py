@@ -38,9 +38,23 @@ def backend_or_skip(name: str):
     return load_backend(name)
 
 
-@pytest.fixture(scope="session", params=list(KNOWN_BACKENDS))
+@pytest.fixture(scope="session")
 def backend(request):
     return backend_or_skip(request.param)
+
+
+def pytest_generate_tests(metafunc):
+    """``backend`` runs over every known backend; tests that also take ``builtin_name`` run
+    once per (backend, built-in) pair."""
+    if "builtin_name" in metafunc.fixturenames:
+        pairs = [(info.name, builtin) for info in KNOWN_BACKENDS.values()
+                 for builtin in info.builtins]
+        metafunc.parametrize(["backend", "builtin_name"], pairs, indirect=["backend"],
+                             ids=[f"{name}-{builtin}" for name, builtin in pairs],
+                             scope="session")
+    elif "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", list(KNOWN_BACKENDS), indirect=True, ids=str,
+                             scope="session")
 # For hunting tolerance bugs by hand, not for CI.
 settings.register_profile(
     "stress", max_examples=2000, deadline=None,

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 
 import bnref.numpy as bn
-from bnref.testing.backends import Backend, LayerConfig
+from bnref.testing import _onnx
+from bnref.testing.backends import Backend, Builtin, LayerConfig
 
 
 def _has_bfloat16() -> bool:
@@ -55,3 +56,27 @@ class NumpyBackend(Backend):
 
     def make_layer(self, config: LayerConfig) -> NumpyLayer:
         return NumpyLayer(config)
+
+    def builtin(self, name: str) -> Builtin:
+        if name not in ("onnxruntime", "onnx.reference"):
+            return super().builtin(name)
+        engine = "onnxruntime" if name == "onnxruntime" else "reference"
+
+        def run(x, gamma, beta, running_mean, running_var, *, training, momentum, eps,
+                axis=None, convention="onnx"):
+            del axis, convention  # fixed by `cases` below: channels on axis 1, onnx meaning
+            outputs = _onnx.run_onnx(x, gamma, beta, running_mean, running_var,
+                                     training=training, momentum=momentum, eps=eps,
+                                     engine=engine)
+            if not training:
+                return outputs[0], running_mean, running_var
+            return outputs
+
+        return Builtin(
+            name, run,
+            cases={"conventions": ("onnx",), "channel_axis": 1, "affine": True,
+                   "running_stats": True, "dtypes": ("float32", "float64"),
+                   "float32_constants": True},
+            note="ONNX BatchNormalization-15: channels on axis 1, all four inputs required, "
+                 "epsilon and momentum are float32 attributes even for float64 data",
+        )

@@ -27,6 +27,7 @@ __all__ = [
     "KNOWN_BACKENDS",
     "Backend",
     "BackendInfo",
+    "Builtin",
     "LayerConfig",
     "LayerHandle",
     "installed_backends",
@@ -109,8 +110,27 @@ class Backend:
     def make_layer(self, config: LayerConfig) -> LayerHandle:
         raise NotImplementedError(f"backend {self.name!r} has no layer")
 
+    # -- built-ins ------------------------------------------------------------------------
+    def builtin(self, name: str) -> Builtin:
+        """The framework's own implementation called ``name`` (see ``BackendInfo.builtins``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no built-in {name!r}")
+
     def __repr__(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A framework's own batch norm, driven like ``Backend.run_batch_norm`` (numpy in and out).
+
+    ``cases`` are the ``bn_cases`` keyword arguments that restrict drawn cases to what the
+    built-in accepts (its convention, channel axis, dtypes, ...); ``note`` says why.
+    """
+
+    name: str
+    run: Callable[..., tuple[Any, ...]]
+    cases: Mapping[str, Any]
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,18 +138,21 @@ class BackendInfo:
     name: str
     framework: str  # the module whose presence means "installed"
     factory: str | Callable[[], Backend]  # "module:Class" (imported lazily) or a callable
+    builtins: tuple[str, ...] = ()  # names the adapter's builtin() answers to
 
 
 KNOWN_BACKENDS: dict[str, BackendInfo] = {
-    "numpy": BackendInfo("numpy", "numpy", "bnref.testing._numpy:NumpyBackend"),
+    "numpy": BackendInfo("numpy", "numpy", "bnref.testing._numpy:NumpyBackend",
+                         builtins=("onnxruntime", "onnx.reference")),
 }
 
 _LOADED: dict[str, Backend] = {}
 
 
-def register_backend(name: str, framework: str, factory: str | Callable[[], Backend]) -> None:
+def register_backend(name: str, framework: str, factory: str | Callable[[], Backend],
+                     builtins: tuple[str, ...] = ()) -> None:
     """Make a backend known to the registry (and so to ``bnref check`` and the suite)."""
-    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory)
+    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory, builtins)
     _LOADED.pop(name, None)
 
 

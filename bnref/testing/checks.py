@@ -16,7 +16,7 @@ import numpy as np
 
 import bnref.numpy as oracle
 from bnref.conventions import get_convention
-from bnref.testing.backends import Backend
+from bnref.testing.backends import Backend, Builtin
 from bnref.testing.strategies import BNCase, LayerCase
 from bnref.testing.tolerances import (
     ChannelStats,
@@ -31,6 +31,7 @@ from bnref.testing.tolerances import (
 __all__ = [
     "MISTAKES",
     "Mistake",
+    "check_builtin",
     "check_forward",
     "check_gradients",
     "check_layer",
@@ -53,11 +54,8 @@ def oracle_forward(case: BNCase):
     return oracle.batch_norm(*wide.arrays, **wide.kwargs())
 
 
-def check_forward(backend: Backend, case: BNCase, check: str = "forward") -> list[Comparison]:
-    """``batch_norm`` output and new running statistics vs the oracle."""
-    factor = override_factor(backend.name, case.dtype, check)
-    y, new_mean, new_var = backend.run_batch_norm(*case.arrays, **case.kwargs())
-    ref_y, ref_mean, ref_var = oracle_forward(case)
+def _forward_tolerances(case: BNCase, factor: float):
+    """Bounds for (y, new_running_mean, new_running_var) of ``case`` against exact values."""
     axis = case.channel_axis
     batch_stats = case.training or case.running_mean is None
     if batch_stats:
@@ -65,26 +63,56 @@ def check_forward(backend: Backend, case: BNCase, check: str = "forward") -> lis
         mean, var = stats.mean, stats.var
     else:
         mean, var = case.running_mean, case.running_var
-    tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta, eps=case.resolved_eps,
-                            mean=mean, var=var, batch_stats=batch_stats, factor=factor)
-    results = [_dtype_check("y", y, case.dtype), compare(y, ref_y, tol, "y")]
+    y_tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta,
+                              eps=case.resolved_eps, mean=mean, var=var,
+                              batch_stats=batch_stats, factor=factor)
     if case.running_mean is None or not case.training:
         # No update: None stays None, and inference hands the statistics back unchanged.
-        results += [compare(new_mean, case.running_mean, 0.0, "running_mean (unchanged)"),
-                    compare(new_var, case.running_var, 0.0, "running_var (unchanged)")]
-        return results
+        return y_tol, 0.0, 0.0
     conv = get_convention(case.convention)
-    stat_dtype = case.running_mean.dtype.name
     mean_tol, var_tol = running_stat_tolerances(
         case.x, axis, old_mean=case.running_mean, old_var=case.running_var,
-        new_value_weight=conv.new_value_weight(case.resolved_momentum), stat_dtype=stat_dtype,
-        factor=factor)
-    return [
-        *results,
-        _dtype_check("running_mean", new_mean, stat_dtype),
-        compare(new_mean, ref_mean, mean_tol, "running_mean"),
-        compare(new_var, ref_var, var_tol, "running_var"),
-    ]
+        new_value_weight=conv.new_value_weight(case.resolved_momentum),
+        stat_dtype=case.running_mean.dtype.name, factor=factor)
+    return y_tol, mean_tol, var_tol
+
+
+def _compare_outputs(case: BNCase, got, expected, tolerances, against: str) -> list[Comparison]:
+    (y, new_mean, new_var), (ref_y, ref_mean, ref_var) = got, expected
+    y_tol, mean_tol, var_tol = tolerances
+    stat_dtype = None if case.running_mean is None else case.running_mean.dtype.name
+    results = [_dtype_check("y", y, case.dtype), compare(y, ref_y, y_tol, f"y vs {against}")]
+    if stat_dtype is not None:
+        results += [_dtype_check("running_mean", new_mean, stat_dtype),
+                    _dtype_check("running_var", new_var, stat_dtype)]
+    return [*results,
+            compare(new_mean, ref_mean, mean_tol, f"running_mean vs {against}"),
+            compare(new_var, ref_var, var_tol, f"running_var vs {against}")]
+
+
+def check_forward(backend: Backend, case: BNCase, check: str = "forward") -> list[Comparison]:
+    """``batch_norm`` output and new running statistics vs the oracle.
+
+    In inference (or with no running statistics) the statistics must come back unchanged.
+    """
+    tolerances = _forward_tolerances(case, override_factor(backend.name, case.dtype, check))
+    got = backend.run_batch_norm(*case.arrays, **case.kwargs())
+    return _compare_outputs(case, got, oracle_forward(case), tolerances, "oracle")
+
+
+def check_builtin(backend: Backend, builtin: Builtin, case: BNCase,
+                  check: str = "builtin") -> list[Comparison]:
+    """``batch_norm`` vs a framework's own implementation on a case it accepts.
+
+    Both sides are within the forward bound of the exact result, so they may differ by twice it.
+    """
+    factor = 2 * override_factor(backend.name, case.dtype, f"{check}:{builtin.name}")
+    tolerances = _forward_tolerances(case, factor)
+    got = backend.run_batch_norm(*case.arrays, **case.kwargs())
+    theirs = builtin.run(*case.arrays, training=case.training, momentum=case.resolved_momentum,
+                         eps=case.resolved_eps, axis=case.channel_axis,
+                         convention=case.convention)
+    return _compare_outputs(case, got, theirs, tolerances, builtin.name)
 
 
 def check_gradients(backend: Backend, case: BNCase, dy: np.ndarray,

@@ -176,9 +176,10 @@ _eps = st.one_of(st.none(), st.sampled_from([1e-5, 1e-3, 0.1]), st.floats(-6, 0)
 
 
 @st.composite
-def _axis(draw, rank: int, convention: str):
+def _axis(draw, rank: int, convention: str, channel_axis: int | None = None):
     """(channel axis as a non-negative int, axis as passed: non-negative, negative or None)."""
-    channel_axis = draw(st.integers(0, rank - 1))
+    if channel_axis is None:
+        channel_axis = draw(st.integers(0, rank - 1))
     choices = [channel_axis, channel_axis - rank]
     if get_convention(convention).default_axis % rank == channel_axis:
         choices.append(None)
@@ -198,36 +199,45 @@ def bn_cases(
     max_channels: int = 4,
     min_per_channel: int = 2,
     offsets: bool = True,
+    channel_axis: int | None = None,
+    float32_constants: bool = False,
 ) -> BNCase:
     """A valid ``batch_norm`` call. ``None`` for a flag means "either".
 
-    ``offsets=False`` keeps every channel centred (offset 0): for properties that need a
-    well-conditioned batch.
+    ``affine=True`` gives both gamma and beta, ``False`` neither, ``None`` any of the four
+    combinations. ``offsets=False`` keeps every channel centred (offset 0). ``channel_axis``
+    pins where the channels are (as a non-negative axis). ``float32_constants`` rounds eps and
+    momentum to float32 values, for built-ins that store them as float32 (ONNX attributes).
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
     rank = draw(st.integers(*ranks))
-    channel_axis, axis = draw(_axis(rank, convention))
+    channel_axis, axis = draw(_axis(rank, convention, channel_axis))
     channels = draw(st.integers(1, max_channels))
     shape = draw(_shape(rank, channel_axis, channels, min_per_channel))
     zero = np.zeros(channels) if not offsets else None
     x, _, _ = draw(_values(shape, channel_axis, dtype, offsets=zero))
     pdtype = param_dtype(dtype)
-    use_affine = draw(st.booleans()) if affine is None else affine
-    gamma = _vector(draw, channels, pdtype, st.floats(-2, 2)) if use_affine else None
-    beta = _vector(draw, channels, pdtype, st.floats(-5, 5)) if use_affine else None
-    if use_affine and draw(st.booleans()):  # gamma and beta are independent in the API
-        gamma, beta = draw(st.sampled_from([(gamma, None), (None, beta)]))
+    # gamma and beta are independent in the API: affine=None draws each on its own.
+    use_gamma = draw(st.booleans()) if affine is None else affine
+    use_beta = draw(st.booleans()) if affine is None else affine
+    gamma = _vector(draw, channels, pdtype, st.floats(-2, 2)) if use_gamma else None
+    beta = _vector(draw, channels, pdtype, st.floats(-5, 5)) if use_beta else None
     with_stats = draw(st.booleans()) if running_stats is None else running_stats
     running_mean = _vector(draw, channels, pdtype, _offsets) if with_stats else None
     running_var = _vector(draw, channels, pdtype, _running_var) if with_stats else None
     if with_stats:
         running_var = _keep_inference_finite(x, channel_axis, gamma, beta, running_mean,
                                              running_var)
+    momentum, eps = draw(_momentum), draw(_eps)
+    if float32_constants:
+        conv = get_convention(convention)
+        momentum = float(np.float32(conv.default_momentum if momentum is DEFAULT else momentum))
+        eps = float(np.float32(conv.default_eps if eps is None else eps))
     return BNCase(
         x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
         training=draw(st.booleans()) if training is None else training,
-        momentum=draw(_momentum), eps=draw(_eps), axis=axis, convention=convention,
+        momentum=momentum, eps=eps, axis=axis, convention=convention,
     )
 
 

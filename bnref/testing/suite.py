@@ -9,7 +9,8 @@ Use it from a test module of your own::
         return MyBackend()             # a bnref.testing.Backend subclass
 
 bnref's own ``tests/test_suite.py`` does exactly that with a fixture parametrized over every
-registered backend. Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for
+registered backend, and also imports :func:`test_matches_builtin` (not in ``*``: it needs a
+``builtin_name`` fixture naming one of the backend's built-ins). Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for
 the properties, from the mathematics directly (e.g. the running-statistic recurrence is
 re-derived here from the convention records, not taken from the code under test).
 """
@@ -27,6 +28,7 @@ from bnref.testing.backends import Backend
 from bnref.testing.checks import (
     MISTAKES,
     Mistake,
+    check_builtin,
     check_forward,
     check_gradients,
     check_layer,
@@ -283,6 +285,15 @@ def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
                          for i in range(case.x.ndim))
     case = case.with_(x=np.ascontiguousarray(case.x[first_values]))
     assert_all(check_forward(backend, case), case)
+
+
+@given(data=st.data())
+def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
+    """batch_norm agrees with the framework's own implementation on every case it accepts
+    (the ``builtin_name`` fixture names one; see ``Builtin.cases`` for the restrictions)."""
+    builtin = backend.builtin(builtin_name)
+    case = data.draw(bn_cases(**builtin.cases), label="case")
+    assert_all(check_builtin(backend, builtin, case), case)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.id)
