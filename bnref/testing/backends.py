@@ -139,11 +139,12 @@ class BackendInfo:
     framework: str  # the module whose presence means "installed"
     factory: str | Callable[[], Backend]  # "module:Class" (imported lazily) or a callable
     builtins: tuple[str, ...] = ()  # names the adapter's builtin() answers to
+    module: str = ""  # the bnref module implementing it ("bnref.torch"); "" for third parties
 
 
 KNOWN_BACKENDS: dict[str, BackendInfo] = {
     "numpy": BackendInfo("numpy", "numpy", "bnref.testing._numpy:NumpyBackend",
-                         builtins=("onnxruntime", "onnx.reference")),
+                         builtins=("onnxruntime", "onnx.reference"), module="bnref.numpy"),
 }
 
 _LOADED: dict[str, Backend] = {}

@@ -19,6 +19,7 @@ from bnref.conventions import get_convention
 from bnref.testing.backends import Backend, Builtin
 from bnref.testing.strategies import BNCase, LayerCase
 from bnref.testing.tolerances import (
+    UNIT_ROUNDOFF,
     ChannelStats,
     Comparison,
     compare,
@@ -32,6 +33,7 @@ __all__ = [
     "MISTAKES",
     "Mistake",
     "check_builtin",
+    "check_finite_differences",
     "check_forward",
     "check_gradients",
     "check_layer",
@@ -202,6 +204,53 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list
                                   "running_mean" not in state and "running_var" not in state,
                                   f"  state has {sorted(state)}"))
     return results
+
+
+def check_finite_differences(backend: Backend, case: BNCase, dy: np.ndarray,
+                             direction: dict[str, np.ndarray],
+                             check: str = "finite differences") -> list[Comparison]:
+    """The backend's float64 gradients are the derivative of its own forward.
+
+    Along a random direction ``v`` (the x part scaled per channel by ``sqrt(var + eps)``),
+    ``<grad, v>`` must match the central difference of ``t -> sum(dy * y(x + t v, ...))``.
+    With step ``h`` the difference is off by ``h² / 6`` times the third derivative (of order
+    ``(1 + X)³`` per unit of ``sum|dy| (|gamma| + |beta| + 1)``) plus the rounding
+    ``u (1 + kappa)(1 + X) / h`` -- ``kappa`` because ``x + t v`` is itself rounded;
+    ``h = 2^-13`` balances the two.
+    """
+    x, axis, eps = case.x, case.channel_axis, case.resolved_eps
+    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    sigma = np.sqrt(moved.var(axis=0) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    v_x = direction["x"] * sigma.reshape(shape)
+    v_gamma = None if case.gamma is None else direction["gamma"]
+    v_beta = None if case.beta is None else direction["beta"]
+
+    def objective(t: float) -> float:
+        moved_case = case.with_(
+            x=x + t * v_x, running_mean=None, running_var=None, training=True,
+            gamma=None if case.gamma is None else case.gamma + t * v_gamma,
+            beta=None if case.beta is None else case.beta + t * v_beta)
+        y = backend.run_batch_norm(*moved_case.arrays, **moved_case.kwargs())[0]
+        return float(np.sum(y * dy))
+
+    dx, dgamma, dbeta = backend.gradients(x, case.gamma, case.beta, dy, eps=case.eps,
+                                          axis=case.axis, convention=case.convention)
+    analytic = float(np.sum(dx * v_x))
+    analytic += 0.0 if dgamma is None else float(np.dot(dgamma, v_gamma))
+    analytic += 0.0 if dbeta is None else float(np.dot(dbeta, v_beta))
+    h = 2.0**-13
+    numeric = (objective(h) - objective(-h)) / (2 * h)
+    x_hat_max = float(np.max(np.abs(moved - moved.mean(axis=0)) / sigma))
+    kappa = float(np.max(np.abs(moved).max(axis=0) / sigma))
+    gamma_max = 1.0 if case.gamma is None else float(np.abs(case.gamma).max())
+    beta_max = 0.0 if case.beta is None else float(np.abs(case.beta).max())
+    scale = float(np.abs(dy).sum()) * (gamma_max + beta_max + 1.0)
+    rounding = UNIT_ROUNDOFF["float64"] * (1 + kappa) * (1 + x_hat_max) / h
+    tol = 8 * scale * (h**2 * (1 + x_hat_max) ** 3 + rounding)
+    tol *= override_factor(backend.name, case.dtype, check)
+    return [compare(numeric, analytic, tol, "central difference vs <gradient, v>")]
 
 
 # -- bad input ----------------------------------------------------------------------------

@@ -10,9 +10,11 @@ Use it from a test module of your own::
 
 bnref's own ``tests/test_suite.py`` does exactly that with a fixture parametrized over every
 registered backend, and also imports :func:`test_matches_builtin` (not in ``*``: it needs a
-``builtin_name`` fixture naming one of the backend's built-ins). Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for
-the properties, from the mathematics directly (e.g. the running-statistic recurrence is
-re-derived here from the convention records, not taken from the code under test).
+``builtin_name`` fixture naming one of the backend's built-ins).
+
+Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for the properties,
+from the mathematics directly (e.g. the running-statistic recurrence is re-derived here from
+the convention records, not taken from the code under test).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bnref.testing.checks import (
     MISTAKES,
     Mistake,
     check_builtin,
+    check_finite_differences,
     check_forward,
     check_gradients,
     check_layer,
@@ -50,6 +53,7 @@ __all__ = [
     "test_batch_permutation_equivariance",
     "test_cumulative_average_layer",
     "test_forward_matches_oracle",
+    "test_gradients_match_finite_differences",
     "test_gradients_match_oracle",
     "test_inference_is_a_per_channel_affine_map",
     "test_invariance_under_positive_affine_input_maps",
@@ -87,6 +91,25 @@ def test_gradients_match_oracle(backend: Backend, data) -> None:
     case = data.draw(bn_cases(dtypes=backend.dtypes, training=True), label="case")
     dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
     assert_all(check_gradients(backend, case, dy.astype(case.x.dtype)), case)
+
+
+@given(data=st.data())
+def test_gradients_match_finite_differences(backend: Backend, data) -> None:
+    """In float64 the gradients are the derivative of the backend's own forward: a central
+    difference along a random direction matches <gradient, direction>."""
+    if "float64" not in backend.dtypes:
+        pytest.skip(f"backend {backend.name!r} has no float64")
+    case = data.draw(bn_cases(dtypes=("float64",), training=True, running_stats=False),
+                     label="case")
+    unit = st.floats(-1, 1)
+    channels = case.x.shape[case.channel_axis]
+    dy = data.draw(arrays(np.float64, case.x.shape, elements=unit), label="dy")
+    direction = {
+        "x": data.draw(arrays(np.float64, case.x.shape, elements=unit), label="x direction"),
+        "gamma": data.draw(arrays(np.float64, (channels,), elements=unit), label="gamma dir"),
+        "beta": data.draw(arrays(np.float64, (channels,), elements=unit), label="beta dir"),
+    }
+    assert_all(check_finite_differences(backend, case, dy, direction), case)
 
 
 @given(data=st.data())

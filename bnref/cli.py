@@ -1,0 +1,282 @@
+"""The ``bnref`` command.
+
+``bnref check`` runs the conformance matrix -- every installed backend against the float64
+oracle (forward, gradients, layer trajectories), against its framework's own implementations,
+and through every bad input of the contract -- on a fixed set of cases drawn deterministically
+from the shared Hypothesis strategies, and prints one row per (backend, check, dtype): the
+largest error, the tolerance there, their worst ratio and PASS/FAIL. Exit status 1 on any FAIL.
+
+``bnref conventions`` prints what each framework means by momentum, eps and the channel axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bnref.conventions import CONVENTIONS
+
+DEFAULT_EXAMPLES = 20
+
+
+@dataclass
+class Row:
+    backend: str
+    check: str
+    dtype: str
+    cases: int = 0
+    max_error: float = 0.0
+    tolerance: float = 0.0
+    ratio: float = 0.0
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.cases > 0 and self.ratio <= 1.0
+
+    def add(self, comparisons: Iterable[Any]) -> None:
+        self.cases += 1
+        for result in comparisons:
+            self.max_error = max(self.max_error, result.max_error)
+            if result.ratio > self.ratio or (not result.passed and not self.detail):
+                self.ratio, self.tolerance = result.ratio, result.tolerance
+                if not result.passed:
+                    self.detail = str(result)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "check": self.check, "dtype": self.dtype,
+                "cases": self.cases, "max_error": self.max_error, "tolerance": self.tolerance,
+                "ratio": self.ratio, "passed": self.passed, "detail": self.detail}
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal once a second has passed."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.start = time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled or time.monotonic() - self.start < 1.0:
+            return
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                         f"{self.done}/{self.total} {label:<40.40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and time.monotonic() - self.start >= 1.0:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+
+
+def draw_examples(strategy, count: int) -> list[Any]:
+    """``count`` values of a strategy, the same ones on every run (derandomized Hypothesis)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    drawn: list[Any] = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(value: Any) -> None:
+        drawn.append(value)
+
+    collect()
+    return drawn[:count]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row of the matrix: how to draw its cases and how to check one."""
+
+    check: str
+    dtype: str
+    cases: Callable[[], list[Any]]
+    run: Callable[[Any], list[Any]]
+
+
+def _tasks(backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
+    import numpy as np
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    from bnref.testing import checks
+    from bnref.testing.backends import KNOWN_BACKENDS
+    from bnref.testing.strategies import bn_cases, layer_cases
+
+    def with_dy(dtype: str):
+        @st.composite
+        def strategy(draw):
+            case = draw(bn_cases(dtypes=(dtype,), training=True))
+            dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)))
+            return case, dy.astype(case.x.dtype)
+        return strategy()
+
+    def with_directions():
+        @st.composite
+        def strategy(draw):
+            case = draw(bn_cases(dtypes=("float64",), training=True, running_stats=False))
+            channels = case.x.shape[case.channel_axis]
+            unit = st.floats(-1, 1)
+            dy = draw(arrays(np.float64, case.x.shape, elements=unit))
+            direction = {"x": draw(arrays(np.float64, case.x.shape, elements=unit)),
+                         "gamma": draw(arrays(np.float64, (channels,), elements=unit)),
+                         "beta": draw(arrays(np.float64, (channels,), elements=unit))}
+            return case, dy, direction
+        return strategy()
+
+    chosen = [d for d in backend.dtypes if dtypes is None or d in dtypes]
+    tasks: list[Task] = []
+    for dtype in chosen:
+        if backend.name == "numpy" and dtype == "float64":
+            continue  # the oracle itself: compared with itself it proves nothing
+        tasks += [
+            Task("forward", dtype,
+                 lambda d=dtype: draw_examples(bn_cases(dtypes=(d,)), examples),
+                 lambda case: checks.check_forward(backend, case)),
+            Task("gradients", dtype, lambda d=dtype: draw_examples(with_dy(d), examples),
+                 lambda pair: checks.check_gradients(backend, *pair)),
+            Task("layer", dtype,
+                 lambda d=dtype: draw_examples(layer_cases(dtypes=(d,)), examples),
+                 lambda case: checks.check_layer(backend, case)),
+        ]
+    if "float64" in chosen:
+        tasks.append(Task("finite differences", "float64",
+                          lambda: draw_examples(with_directions(), examples),
+                          lambda triple: checks.check_finite_differences(backend, *triple)))
+    for name in KNOWN_BACKENDS[backend.name].builtins:
+        builtin = backend.builtin(name)
+        for dtype in builtin.cases.get("dtypes", ("float32",)):
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            restrictions = {**builtin.cases, "dtypes": (dtype,)}
+            tasks.append(Task(
+                f"vs {name}", dtype,
+                lambda r=restrictions: draw_examples(bn_cases(**r), examples),
+                lambda case, b=builtin: checks.check_builtin(backend, b, case)))
+    tasks.append(Task("bad input", "-", lambda: list(checks.MISTAKES),
+                      lambda mistake: checks.check_mistake(backend, mistake)))
+    return tasks
+
+
+def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | None,
+              progress: bool) -> list[Row]:
+    from bnref.testing.backends import load_backend
+
+    plan = []
+    for name in backends:
+        backend = load_backend(name)
+        for task in _tasks(backend, examples, dtypes):
+            plan.append((name, task, task.cases()))
+    bar = Progress(sum(len(cases) for _, _, cases in plan), progress)
+    rows = []
+    for name, task, cases in plan:
+        row = Row(name, task.check, task.dtype)
+        for case in cases:
+            try:
+                row.add(task.run(case))
+            except Exception as error:  # a crash is a failure of that row, reported as such
+                row.cases += 1
+                row.ratio, row.detail = float("inf"), f"{type(error).__name__}: {error}"
+            bar.step(f"{name} {task.check} {task.dtype}")
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def _table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(lines)
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    body = [[r.backend, r.check, r.dtype, str(r.cases), f"{r.max_error:.3g}",
+             f"{r.tolerance:.3g}", f"{r.ratio:.3g}", "PASS" if r.passed else "FAIL"]
+            for r in rows]
+    text = _table(["backend", "check", "dtype", "cases", "max |error|", "tolerance",
+                   "error/tol", "result"], body)
+    failures = [f"{r.backend} {r.check} {r.dtype}: {r.detail}" for r in rows if not r.passed]
+    return text + ("\n\nFailures:\n" + "\n".join(failures) if failures else "")
+
+
+def conventions_table() -> str:
+    body = []
+    for c in CONVENTIONS.values():
+        rule = ("(1-m)*old + m*batch" if c.momentum_weights == "new" else "m*old + (1-m)*batch")
+        body.append([c.name, c.layer, rule, f"{c.default_momentum:g}", f"{c.default_eps:g}",
+                     "unbiased" if c.unbiased_running_var else "biased",
+                     str(c.default_axis),
+                     ", ".join(c.state_names[k] for k in ("gamma", "beta", "running_mean",
+                                                          "running_var"))])
+    return _table(["convention", "built-in", "running update", "momentum", "eps",
+                   "running var", "axis", "gamma, beta, mean, var names"], body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bnref", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="run the conformance matrix")
+    check.add_argument("--backends", help="comma-separated (default: every installed one)")
+    check.add_argument("--dtype", action="append", dest="dtypes",
+                       help="only this dtype (repeatable)")
+    check.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
+                       help=f"cases per row (default {DEFAULT_EXAMPLES})")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    conv = sub.add_parser("conventions", help="print the conventions table")
+    conv.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "conventions":
+        if args.json:
+            print(json.dumps({name: {**c.__dict__, "state_names": dict(c.state_names)}
+                              for name, c in CONVENTIONS.items()}, indent=2))
+        else:
+            print(conventions_table())
+        return 0
+
+    from bnref.testing.backends import (
+        KNOWN_BACKENDS,
+        installed_backends,
+        is_installed,
+        required_backends,
+    )
+
+    if args.backends:
+        names = [n.strip() for n in args.backends.split(",") if n.strip()]
+        unknown = [n for n in names if n not in KNOWN_BACKENDS]
+        if unknown:
+            parser.error(f"unknown backends {unknown}; known: {sorted(KNOWN_BACKENDS)}")
+    else:
+        names = installed_backends()
+    missing = [n for n in {*names, *required_backends()} if not is_installed(n)]
+    if missing:
+        print(f"bnref check: backends not installed: {sorted(missing)}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    rows = run_check(names, args.examples, args.dtypes,
+                     progress=sys.stderr.isatty() and not args.json)
+    elapsed = time.monotonic() - started
+    passed = all(r.passed for r in rows)
+    if args.json:
+        print(json.dumps({"passed": passed, "seconds": round(elapsed, 2),
+                          "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(format_rows(rows))
+        verdict = "all PASS" if passed else f"{sum(not r.passed for r in rows)} FAIL"
+        print(f"\n{len(rows)} rows, {verdict}, {elapsed:.1f} s")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
