@@ -102,7 +102,7 @@ class Task:
     run: Callable[[Any], list[Any]]
 
 
-def _tasks(backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
+def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
     import numpy as np
     from hypothesis import strategies as st
     from hypothesis.extra.numpy import arrays
@@ -135,7 +135,7 @@ def _tasks(backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
     chosen = [d for d in backend.dtypes if dtypes is None or d in dtypes]
     tasks: list[Task] = []
     for dtype in chosen:
-        if backend.name == "numpy" and dtype == "float64":
+        if name == "numpy" and dtype == "float64":
             continue  # the oracle itself: compared with itself it proves nothing
         tasks += [
             Task("forward", dtype,
@@ -151,18 +151,20 @@ def _tasks(backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
         tasks.append(Task("finite differences", "float64",
                           lambda: draw_examples(with_directions(), examples),
                           lambda triple: checks.check_finite_differences(backend, *triple)))
-    for name in KNOWN_BACKENDS[backend.name].builtins:
-        builtin = backend.builtin(name)
+    for builtin_name in KNOWN_BACKENDS[name].builtins:
+        builtin = backend.builtin(builtin_name)
         for dtype in builtin.cases.get("dtypes", ("float32",)):
             if dtypes is not None and dtype not in dtypes:
                 continue
             restrictions = {**builtin.cases, "dtypes": (dtype,)}
             tasks.append(Task(
-                f"vs {name}", dtype,
+                f"vs {builtin_name}", dtype,
                 lambda r=restrictions: draw_examples(bn_cases(**r), examples),
                 lambda case, b=builtin: checks.check_builtin(backend, b, case)))
     tasks.append(Task("bad input", "-", lambda: list(checks.MISTAKES),
                       lambda mistake: checks.check_mistake(backend, mistake)))
+    tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),
+                      lambda mistake: checks.check_layer_mistake(backend, mistake)))
     return tasks
 
 
@@ -173,7 +175,7 @@ def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | No
     plan = []
     for name in backends:
         backend = load_backend(name)
-        for task in _tasks(backend, examples, dtypes):
+        for task in _tasks(name, backend, examples, dtypes):
             plan.append((name, task, task.cases()))
     bar = Progress(sum(len(cases) for _, _, cases in plan), progress)
     rows = []

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bnref.conventions import DEFAULT
+from bnref.conventions import CONVENTIONS, DEFAULT
 
 __all__ = [
     "KNOWN_BACKENDS",
@@ -79,6 +79,13 @@ class Backend:
     name: str = "custom"
     array_type: str = "numpy.ndarray"
     dtypes: tuple[str, ...] = ("float32", "float64")
+    conventions: tuple[str, ...] = tuple(CONVENTIONS)  # the ones drawn cases may use
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Which optional methods this adapter implements (overrides)."""
+        return frozenset(name for name in ("gradients", "make_layer", "builtin")
+                         if getattr(type(self), name) is not getattr(Backend, name))
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, array: np.ndarray) -> Any:

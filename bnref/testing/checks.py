@@ -16,7 +16,7 @@ import numpy as np
 
 import bnref.numpy as oracle
 from bnref.conventions import get_convention
-from bnref.testing.backends import Backend, Builtin
+from bnref.testing.backends import Backend, Builtin, LayerConfig
 from bnref.testing.strategies import BNCase, LayerCase
 from bnref.testing.tolerances import (
     UNIT_ROUNDOFF,
@@ -30,6 +30,7 @@ from bnref.testing.tolerances import (
 )
 
 __all__ = [
+    "LAYER_MISTAKES",
     "MISTAKES",
     "Mistake",
     "check_builtin",
@@ -37,6 +38,7 @@ __all__ = [
     "check_forward",
     "check_gradients",
     "check_layer",
+    "check_layer_mistake",
     "check_mistake",
     "oracle_forward",
 ]
@@ -322,6 +324,45 @@ MISTAKES: tuple[Mistake, ...] = (
             "convention must be one of ['flax', 'keras', 'mxnet', 'onnx', 'torch'] or a "
             "Convention, got 'pytorch'", _set(convention="pytorch")),
 )
+
+
+@dataclass(frozen=True)
+class LayerMistake:
+    """A wrong layer constructor call: ``LayerConfig`` fields that make it wrong."""
+
+    id: str
+    error: type[Exception]
+    message: str
+    changes: dict[str, Any]
+
+
+LAYER_MISTAKES: tuple[LayerMistake, ...] = (
+    LayerMistake("no-features", ValueError, "num_features must be a positive int, got 0",
+                 {"num_features": 0}),
+    LayerMistake("momentum-above-1", ValueError, "momentum must be in [0, 1], got 1.5",
+                 {"momentum": 1.5}),
+    LayerMistake("eps-zero", ValueError, "eps must be a finite float > 0, got 0.0",
+                 {"eps": 0.0}),
+    LayerMistake("unknown-convention", ValueError,
+                 "convention must be one of ['flax', 'keras', 'mxnet', 'onnx', 'torch'] or a "
+                 "Convention, got 'pytorch'", {"convention": "pytorch"}),
+)
+
+
+def check_layer_mistake(backend: Backend, mistake: LayerMistake) -> list[Comparison]:
+    """The layer refuses a wrong constructor argument with the contract's exception/message."""
+    config = LayerConfig(num_features=3).with_(**mistake.changes)
+    try:
+        backend.make_layer(config)
+    except Exception as error:  # the comparison below reports any other exception
+        raised = error
+    else:
+        raised = None
+    got = "nothing" if raised is None else f"{type(raised).__name__}: {raised}"
+    return [_exact(f"{mistake.id} raises", type(raised) is mistake.error,
+                   f"  expected {mistake.error.__name__}, got {got}"),
+            _exact(f"{mistake.id} message", raised is not None and str(raised) == mistake.message,
+                   f"  expected {mistake.message!r}, got {got!r}")]
 
 
 def check_mistake(backend: Backend, mistake: Mistake) -> list[Comparison]:

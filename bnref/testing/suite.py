@@ -28,13 +28,16 @@ from hypothesis.extra.numpy import arrays
 from bnref.conventions import CONVENTIONS, get_convention
 from bnref.testing.backends import Backend
 from bnref.testing.checks import (
+    LAYER_MISTAKES,
     MISTAKES,
+    LayerMistake,
     Mistake,
     check_builtin,
     check_finite_differences,
     check_forward,
     check_gradients,
     check_layer,
+    check_layer_mistake,
     check_mistake,
 )
 from bnref.testing.strategies import bn_cases, layer_cases
@@ -50,6 +53,7 @@ from bnref.testing.tolerances import (
 
 __all__ = [
     "test_bad_input_raises_and_modifies_nothing",
+    "test_bad_layer_arguments_raise",
     "test_batch_permutation_equivariance",
     "test_cumulative_average_layer",
     "test_forward_matches_oracle",
@@ -64,6 +68,23 @@ __all__ = [
 ]
 
 _NON_TORCH = tuple(name for name in CONVENTIONS if not CONVENTIONS[name].single_value_error)
+
+
+def _needs(backend: Backend, capability: str) -> None:
+    """Skip, saying why, when a (third-party) backend does not implement ``capability``."""
+    if capability not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not implement {capability}")
+
+
+def _cases(backend: Backend, **restrictions):
+    """Cases within what the backend supports (its dtypes and conventions)."""
+    return bn_cases(**{"dtypes": backend.dtypes, "conventions": backend.conventions,
+                       **restrictions})
+
+
+def _layer_cases(backend: Backend, **restrictions):
+    return layer_cases(**{"dtypes": backend.dtypes, "conventions": backend.conventions,
+                          **restrictions})
 
 
 def assert_all(results: list[Comparison], context: object = "") -> None:
@@ -81,14 +102,15 @@ def _per_channel(values, ndim: int, axis: int) -> np.ndarray:
 @given(data=st.data())
 def test_forward_matches_oracle(backend: Backend, data) -> None:
     """Output and running statistics agree with the float64 oracle, for every convention."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes), label="case")
+    case = data.draw(_cases(backend), label="case")
     assert_all(check_forward(backend, case), case)
 
 
 @given(data=st.data())
 def test_gradients_match_oracle(backend: Backend, data) -> None:
     """dx, dgamma and dbeta of training-mode batch_norm agree with the analytic backward."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True), label="case")
+    _needs(backend, "gradients")
+    case = data.draw(_cases(backend, training=True), label="case")
     dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
     assert_all(check_gradients(backend, case, dy.astype(case.x.dtype)), case)
 
@@ -97,9 +119,10 @@ def test_gradients_match_oracle(backend: Backend, data) -> None:
 def test_gradients_match_finite_differences(backend: Backend, data) -> None:
     """In float64 the gradients are the derivative of the backend's own forward: a central
     difference along a random direction matches <gradient, direction>."""
+    _needs(backend, "gradients")
     if "float64" not in backend.dtypes:
         pytest.skip(f"backend {backend.name!r} has no float64")
-    case = data.draw(bn_cases(dtypes=("float64",), training=True, running_stats=False),
+    case = data.draw(_cases(backend, dtypes=("float64",), training=True, running_stats=False),
                      label="case")
     unit = st.floats(-1, 1)
     channels = case.x.shape[case.channel_axis]
@@ -116,7 +139,8 @@ def test_gradients_match_finite_differences(backend: Backend, data) -> None:
 def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
     """The native layer over several training steps, then inference, follows the oracle layer
     (outputs, running statistics, batch counter), with and without loaded state."""
-    case = data.draw(layer_cases(dtypes=backend.dtypes), label="layer case")
+    _needs(backend, "make_layer")
+    case = data.draw(_layer_cases(backend), label="layer case")
     assert_all(check_layer(backend, case), case)
 
 
@@ -124,7 +148,7 @@ def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
 def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> None:
     """In training each channel of y has mean beta and std |gamma| * sqrt(var / (var + eps))
     (that is |gamma| when var >> eps)."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, affine=True), label="case")
+    case = data.draw(_cases(backend, training=True, affine=True), label="case")
     y = backend.run_batch_norm(*case.arrays, **case.kwargs())[0].astype(np.float64)
     axis, eps = case.channel_axis, case.resolved_eps
     stats = ChannelStats.of(case.x, axis)
@@ -153,7 +177,7 @@ def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> 
 def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> None:
     """batch_norm(a * x + b) == batch_norm(x) for a > 0 once eps scales with a² (the only
     place the scale of x survives); a is a power of two so a * x is exact."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=False),
+    case = data.draw(_cases(backend, training=True, running_stats=False),
                      label="case")
     a = 2.0 ** data.draw(st.integers(-3, 3), label="log2 a")
     b = data.draw(st.floats(-100, 100), label="b")
@@ -186,7 +210,7 @@ def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> 
 @given(data=st.data())
 def test_batch_permutation_equivariance(backend: Backend, data) -> None:
     """Permuting the batch permutes the output the same way; running statistics do not move."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=True),
+    case = data.draw(_cases(backend, training=True, running_stats=True),
                      label="case")
     batch_axis = 0 if case.channel_axis != 0 else 1
     perm = data.draw(st.permutations(range(case.x.shape[batch_axis])), label="permutation")
@@ -211,7 +235,7 @@ def test_batch_permutation_equivariance(backend: Backend, data) -> None:
 def test_inference_is_a_per_channel_affine_map(backend: Backend, data) -> None:
     """In inference y = A_c x + B_c with A = gamma / sqrt(running_var + eps) and
     B = beta - running_mean * A, computed here in float64 from the case's own numbers."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=False, running_stats=True),
+    case = data.draw(_cases(backend, training=False, running_stats=True),
                      label="case")
     y = backend.run_batch_norm(*case.arrays, **case.kwargs())[0]
     eps, axis, ndim = case.resolved_eps, case.channel_axis, case.x.ndim
@@ -232,7 +256,7 @@ def test_running_stat_recurrence(backend: Backend, data) -> None:
     """Chaining batch_norm over several batches follows each convention's recurrence,
     re-derived here from the record: the new batch statistic gets weight m ("new") or 1 - m
     ("old"), and the variance term is np.var with ddof=1 when the record says unbiased."""
-    first = data.draw(bn_cases(dtypes=backend.dtypes, training=True, running_stats=True),
+    first = data.draw(_cases(backend, training=True, running_stats=True),
                       label="first step")
     steps = data.draw(st.integers(1, 3), label="extra steps")
     # Later batches: the first one moved by up to 4 per value, rounded to the same dtype.
@@ -272,7 +296,8 @@ def test_cumulative_average_layer(backend: Backend, data) -> None:
     """momentum=None: after k training batches a fresh layer's running statistics are the
     plain averages of the k batch means and batch variances (unbiased where the convention
     says so), whatever was there before the first batch."""
-    case = data.draw(layer_cases(dtypes=backend.dtypes, momentum=st.none(),
+    _needs(backend, "make_layer")
+    case = data.draw(_layer_cases(backend, momentum=st.none(),
                                  track_running_stats=True, load_state=False),
                      label="layer case")
     layer = backend.make_layer(case.config)
@@ -302,7 +327,10 @@ def test_cumulative_average_layer(backend: Backend, data) -> None:
 def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
     """Only the torch convention refuses one value per channel in training; the others
     normalise it to beta (its variance is 0) and move the running variance towards 0."""
-    case = data.draw(bn_cases(dtypes=backend.dtypes, training=True, conventions=_NON_TORCH,
+    non_torch = tuple(c for c in backend.conventions if c in _NON_TORCH)
+    if not non_torch:
+        pytest.skip(f"backend {backend.name!r} implements only the torch convention")
+    case = data.draw(_cases(backend, training=True, conventions=non_torch,
                               min_per_channel=1), label="case")
     first_values = tuple(slice(None) if i == case.channel_axis else slice(0, 1)
                          for i in range(case.x.ndim))
@@ -325,3 +353,10 @@ def test_bad_input_raises_and_modifies_nothing(backend: Backend, mistake: Mistak
     every array passed in is left as it was."""
     assert_all(check_mistake(backend, mistake), mistake.id)
 
+
+
+@pytest.mark.parametrize("mistake", LAYER_MISTAKES, ids=lambda m: m.id)
+def test_bad_layer_arguments_raise(backend: Backend, mistake: LayerMistake) -> None:
+    """The native layer refuses the same wrong constructor arguments with the same message."""
+    _needs(backend, "make_layer")
+    assert_all(check_layer_mistake(backend, mistake), mistake.id)

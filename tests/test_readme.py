@@ -1,0 +1,68 @@
+"""The README's promises: its example of checking your own implementation runs and catches the
+classic bug, and its conventions table is the records."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnref.conventions import CONVENTIONS
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def fenced_block_after(marker: str) -> str:
+    match = re.search(rf"<!-- {re.escape(marker)} -->\n```\w*\n(.*?)```", README, re.S)
+    assert match, f"README has no code block after <!-- {marker} -->"
+    return match.group(1)
+
+
+def run_pytest_on(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    test_file = tmp_path / "test_my_bn.py"
+    test_file.write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
+         "--hypothesis-seed=0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+
+
+def test_the_own_implementation_example_passes(tmp_path):
+    result = run_pytest_on(tmp_path, fenced_block_after("example:own-implementation"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 passed" in result.stdout
+
+
+def test_the_own_implementation_example_catches_a_biased_running_variance(tmp_path):
+    """Feeding PyTorch's running variance the biased estimate (a textbook slip) fails."""
+    source = fenced_block_after("example:own-implementation")
+    buggy = source.replace("momentum * v * n / (n - 1)", "momentum * v")
+    assert buggy != source
+    result = run_pytest_on(tmp_path, buggy)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "running_var" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_readme_conventions_row_is_the_record(name):
+    record = CONVENTIONS[name]
+    row = next(line for line in README.splitlines() if line.startswith(f"| {name} |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    rule = "`(1-m)*old + m*batch`" if record.momentum_weights == "new" else (
+        "`m*old + (1-m)*batch`")
+    assert cells[2:7] == [rule, f"{record.default_momentum:g}", f"{record.default_eps:g}",
+                          "unbiased" if record.unbiased_running_var else "biased",
+                          str(record.default_axis)]
+    names = [record.state_names[k] for k in ("gamma", "beta", "running_mean", "running_var")]
+    assert cells[7] == ", ".join(names)
+
+
+@pytest.mark.parametrize("marker", ["quickstart:check", "quickstart:test"])
+def test_quickstart_commands_are_one_line_each(marker):
+    """.ci/run executes these blocks verbatim, so each must stay a single command."""
+    lines = [line for line in fenced_block_after(marker).splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "pip install -e '.[all,test]'" in lines[0]
