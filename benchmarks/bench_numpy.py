@@ -1,0 +1,98 @@
+"""Speed of the numpy oracle against the memory-bandwidth floor, measured in the same run.
+
+    python benchmarks/bench_numpy.py [--repeats 15]
+
+Single-threaded float32. The floor is the time the memory traffic alone takes at the bandwidth
+``np.copyto`` reaches on an array of the same size (a copy moves 2 array-sizes: one read, one
+write): a training forward moves 3 (read x for the statistics, read x and write y to
+normalise), so ``floor = 3 / 2 * t_copy``; forward+backward moves at least 9 (the backward
+reads x for the statistics, x and dy for the sums, x and dy again and writes dx).
+
+Allocator: a fresh >= 32 MiB buffer costs ~13 ms of page faults here, which would swamp the
+numbers. The script re-executes itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` raised so that freed buffers are reused, not returned to the
+kernel; every timing below runs after a warm-up call under that setting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+if any(os.environ.get(k) != v for k, v in _ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ENV})
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import bnref.numpy as bn  # noqa: E402
+
+SHAPES = [(64, 64, 56, 56), (4096, 1024)]
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first-touch page faults, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def textbook(x, gamma, beta, axes):
+    """The naive version for context: whole-array temporaries, numpy's multi-axis reductions."""
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"numpy {np.__version__}, float32, single thread, median of {args.repeats}")
+    header = (f"{'shape':<20} {'copy ms':>8} {'floor ms':>8} {'fwd ms':>8} {'fwd/floor':>9} "
+              f"{'f+b ms':>8} {'f+b/floor':>9} {'textbook fwd/floor':>18}")
+    print(header)
+    print("-" * len(header))
+    for shape in SHAPES:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        channels = shape[1]
+        gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+        mean, var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+        out = np.empty_like(x)
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        per_channel = [1] * x.ndim
+        per_channel[1] = -1
+
+        t_copy = median_seconds(lambda x=x, out=out: np.copyto(out, x), args.repeats)
+
+        def forward(x=x, gamma=gamma, beta=beta, mean=mean, var=var):
+            return bn.batch_norm(x, gamma, beta, mean, var, training=True)
+
+        def forward_backward(x=x, dy=dy, gamma=gamma, beta=beta, mean=mean, var=var):
+            bn.batch_norm(x, gamma, beta, mean, var, training=True)
+            return bn.batch_norm_backward(dy, x, gamma, eps=1e-5, axis=1)
+
+        t_fwd = median_seconds(forward, args.repeats)
+        t_fb = median_seconds(forward_backward, args.repeats)
+        g, b = gamma.reshape(per_channel), beta.reshape(per_channel)
+        t_text = median_seconds(lambda x=x, g=g, b=b, axes=axes: textbook(x, g, b, axes),
+                                args.repeats)
+        floor_fwd, floor_fb = 3 / 2 * t_copy, 9 / 2 * t_copy
+        print(f"{shape!s:<20} {1e3 * t_copy:8.2f} {1e3 * floor_fwd:8.2f} {1e3 * t_fwd:8.2f} "
+              f"{t_fwd / floor_fwd:9.2f} {1e3 * t_fb:8.2f} {t_fb / floor_fb:9.2f} "
+              f"{t_text / floor_fwd:18.2f}")
+    print("\nTarget (issue 2): training forward <= 3x the floor.")
+
+
+if __name__ == "__main__":
+    main()
