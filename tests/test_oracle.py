@@ -4,13 +4,31 @@ shared suite's finite-difference property, which every backend runs.)"""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bnref.numpy as bn
 from bnref.conventions import CONVENTIONS
-from bnref.testing import _onnx
+from bnref.numpy import functional
+from bnref.testing import _onnx, load_backend
+from bnref.testing.checks import check_forward
+from bnref.testing.strategies import bn_cases
 from bnref.testing.tolerances import UNIT_ROUNDOFF, assert_close
+
+
+@contextlib.contextmanager
+def smaller_blocks(block_bytes: int, max_run: int):
+    """Shrink the oracle's blocks (see bnref.numpy.functional._blocks) for a while."""
+    saved = functional._BLOCK_BYTES, functional._MAX_RUN
+    functional._BLOCK_BYTES, functional._MAX_RUN = block_bytes, max_run
+    try:
+        yield
+    finally:
+        functional._BLOCK_BYTES, functional._MAX_RUN = saved
 
 
 def test_variance_is_stable_where_the_one_pass_formula_goes_negative():
@@ -138,3 +156,19 @@ def test_layer_eval_does_not_move_running_statistics():
     layer(x + 100, training=False)
     for key, value in layer.state_dict().items():
         assert_close(value, state[key], 0.0, key)
+
+
+@pytest.mark.parametrize(("block_bytes", "max_run"), [(16, 2), (64, 8), (256, 4), (4096, 64)],
+                         ids=["tiny-blocks", "channel-runs", "channel-pieces", "row-blocks"])
+@given(data=st.data())
+def test_blocked_statistics_match_the_oracle_whatever_the_blocking(block_bytes, max_run, data):
+    """The oracle reduces big arrays block by block (whole rows, runs of channels, or pieces of
+    one channel) and merges blocks with Chan's update; shrinking the blocks makes the small
+    drawn cases take every one of those paths, and the results must not move."""
+    case = data.draw(bn_cases(dtypes=("float16", "float32", "float64")), label="case")
+    expected = check_forward(load_backend("numpy"), case)  # one block: the plain two-pass
+    with smaller_blocks(block_bytes, max_run):
+        blocked = check_forward(load_backend("numpy"), case)
+    for plain, split in zip(expected, blocked, strict=True):
+        assert split.passed, f"{split}\ncase: {case!r}"
+        assert plain.what == split.what
