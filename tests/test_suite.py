@@ -1,4 +1,7 @@
 """The shared property suite, run against every registered backend (ids: [numpy], [torch], ...)."""
 
 from bnref.testing.suite import *  # noqa: F403
-from bnref.testing.suite import test_matches_builtin  # noqa: F401  (ids: [numpy-onnxruntime])
+from bnref.testing.suite import (  # noqa: F401  (ids: [numpy-onnxruntime], ...)
+    test_layer_matches_builtin_layer,
+    test_matches_builtin,
+)

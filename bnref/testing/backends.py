@@ -28,6 +28,7 @@ __all__ = [
     "Backend",
     "BackendInfo",
     "Builtin",
+    "LayerBuiltin",
     "LayerConfig",
     "LayerHandle",
     "installed_backends",
@@ -84,7 +85,7 @@ class Backend:
     @property
     def capabilities(self) -> frozenset[str]:
         """Which optional methods this adapter implements (overrides)."""
-        return frozenset(name for name in ("gradients", "make_layer", "builtin")
+        return frozenset(name for name in ("gradients", "make_layer", "builtin", "layer_builtin")
                          if getattr(type(self), name) is not getattr(Backend, name))
 
     # -- arrays ---------------------------------------------------------------------------
@@ -122,6 +123,10 @@ class Backend:
         """The framework's own implementation called ``name`` (see ``BackendInfo.builtins``)."""
         raise NotImplementedError(f"backend {self.name!r} has no built-in {name!r}")
 
+    def layer_builtin(self, name: str) -> LayerBuiltin:
+        """The framework's own layer called ``name`` (see ``BackendInfo.layer_builtins``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no built-in layer {name!r}")
+
     def __repr__(self) -> str:
         return self.name
 
@@ -141,26 +146,45 @@ class Builtin:
 
 
 @dataclass(frozen=True)
+class LayerBuiltin:
+    """A framework's own layer behind a :class:`LayerHandle` (numpy in and out).
+
+    ``make(config)`` builds it from bnref's :class:`LayerConfig`; ``cases`` are the
+    ``layer_cases`` keyword arguments restricting drawn cases to what it accepts.
+    """
+
+    name: str
+    make: Callable[[LayerConfig], LayerHandle]
+    cases: Mapping[str, Any]
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     name: str
     framework: str  # the module whose presence means "installed"
     factory: str | Callable[[], Backend]  # "module:Class" (imported lazily) or a callable
     builtins: tuple[str, ...] = ()  # names the adapter's builtin() answers to
+    layer_builtins: tuple[str, ...] = ()  # names the adapter's layer_builtin() answers to
     module: str = ""  # the bnref module implementing it ("bnref.torch"); "" for third parties
 
 
 KNOWN_BACKENDS: dict[str, BackendInfo] = {
     "numpy": BackendInfo("numpy", "numpy", "bnref.testing._numpy:NumpyBackend",
                          builtins=("onnxruntime", "onnx.reference"), module="bnref.numpy"),
+    "torch": BackendInfo("torch", "torch", "bnref.testing._torch:TorchBackend",
+                         builtins=("torch.nn.functional.batch_norm",),
+                         layer_builtins=("torch.nn.BatchNormNd",), module="bnref.torch"),
 }
 
 _LOADED: dict[str, Backend] = {}
 
 
 def register_backend(name: str, framework: str, factory: str | Callable[[], Backend],
-                     builtins: tuple[str, ...] = ()) -> None:
+                     builtins: tuple[str, ...] = (),
+                     layer_builtins: tuple[str, ...] = ()) -> None:
     """Make a backend known to the registry (and so to ``bnref check`` and the suite)."""
-    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory, builtins)
+    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory, builtins, layer_builtins)
     _LOADED.pop(name, None)
 
 

@@ -16,9 +16,10 @@ import numpy as np
 
 import bnref.numpy as oracle
 from bnref.conventions import get_convention
-from bnref.testing.backends import Backend, Builtin, LayerConfig
+from bnref.testing.backends import Backend, Builtin, LayerBuiltin, LayerConfig
 from bnref.testing.strategies import BNCase, LayerCase
 from bnref.testing.tolerances import (
+    TINY,
     UNIT_ROUNDOFF,
     ChannelStats,
     Comparison,
@@ -141,21 +142,29 @@ def check_gradients(backend: Backend, case: BNCase, dy: np.ndarray,
     ]
 
 
-def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list[Comparison]:
-    """A training trajectory then inference through the backend's layer vs the oracle layer.
+def check_layer(backend: Backend, case: LayerCase, check: str = "layer",
+                reference: LayerBuiltin | None = None) -> list[Comparison]:
+    """A training trajectory then inference through the backend's layer vs the oracle layer
+    (or vs a framework's built-in layer, run side by side on the same batches).
 
     Running-statistic tolerances add up over the steps (each step's error is carried with a
     weight of at most 1); the inference output's tolerance includes what those errors move it.
+    Against a built-in, both sides are within the bound of the exact result: twice it.
     """
     config = case.config
     dtype = case.eval_batch.dtype.name
-    factor = override_factor(backend.name, dtype, check)
+    against = "oracle" if reference is None else reference.name
+    check = check if reference is None else f"{check}:{reference.name}"
+    factor = override_factor(backend.name, dtype, check) * (1 if reference is None else 2)
     layer = backend.make_layer(config)
+    other = None if reference is None else reference.make(config)
     ref = oracle.BatchNorm(config.num_features, momentum=config.momentum, eps=config.eps,
                            affine=config.affine, track_running_stats=config.track_running_stats,
                            axis=config.axis, convention=config.convention, dtype=np.float64)
     if case.initial_state is not None:
         layer.load_state(case.initial_state)
+        if other is not None:
+            other.load_state(case.initial_state)
         names = {"gamma": "weight", "beta": "bias"}
         ref.load_state_dict({names.get(k, k): v for k, v in case.initial_state.items()})
     conv, axis, eps = ref.convention, case.channel_axis, ref.eps
@@ -168,6 +177,8 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list
         gamma, beta = ref.weight, ref.bias
         y = layer.forward(batch, training=training)
         ref_y = ref(batch.astype(np.float64), training=training)
+        if other is not None:
+            ref_y = other.forward(batch, training=training)
         label = f"step {step + 1} ({'train' if training else 'eval'})"
         batch_stats = training or old_mean is None
         stats = ChannelStats.of(batch, axis)
@@ -181,8 +192,12 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list
             shape = [1] * batch.ndim
             shape[axis] = -1
             tol = tol + (g * (mean_err / sigma + x_hat * var_err / (2 * sigma**2))).reshape(shape)
-        results += [_dtype_check(f"{label} y", y, dtype), compare(y, ref_y, tol, f"{label} y")]
+        results += [_dtype_check(f"{label} y", y, dtype),
+                    compare(y, ref_y, tol, f"{label} y vs {against}")]
         state = layer.state()
+        expected = {"running_mean": ref.running_mean, "running_var": ref.running_var}
+        if other is not None:
+            expected = other.state()
         if config.track_running_stats and training:
             weight = 1.0 / ref.num_batches_tracked if config.momentum is None else (
                 conv.new_value_weight(ref.momentum))
@@ -192,10 +207,10 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer") -> list
             mean_err, var_err = mean_err + step_mean, var_err + step_var
         if config.track_running_stats:
             results += [
-                compare(state.get("running_mean"), ref.running_mean, mean_err,
-                        f"{label} running_mean"),
-                compare(state.get("running_var"), ref.running_var, var_err,
-                        f"{label} running_var"),
+                compare(state.get("running_mean"), expected.get("running_mean"), mean_err,
+                        f"{label} running_mean vs {against}"),
+                compare(state.get("running_var"), expected.get("running_var"), var_err,
+                        f"{label} running_var vs {against}"),
                 _exact(f"{label} num_batches_tracked",
                        int(state.get("num_batches_tracked", -1)) == ref.num_batches_tracked,
                        f"  expected {ref.num_batches_tracked}, got "
@@ -250,7 +265,8 @@ def check_finite_differences(backend: Backend, case: BNCase, dy: np.ndarray,
     beta_max = 0.0 if case.beta is None else float(np.abs(case.beta).max())
     scale = float(np.abs(dy).sum()) * (gamma_max + beta_max + 1.0)
     rounding = UNIT_ROUNDOFF["float64"] * (1 + kappa) * (1 + x_hat_max) / h
-    tol = 8 * scale * (h**2 * (1 + x_hat_max) ** 3 + rounding)
+    # Values below the smallest normal underflow in the objective: up to TINY / h of slope.
+    tol = 8 * scale * (h**2 * (1 + x_hat_max) ** 3 + rounding) + TINY["float64"] / h
     tol *= override_factor(backend.name, case.dtype, check)
     return [compare(numeric, analytic, tol, "central difference vs <gradient, v>")]
 

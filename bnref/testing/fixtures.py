@@ -42,14 +42,17 @@ def backend(request) -> Backend:
 
 def pytest_generate_tests(metafunc) -> None:
     """``backend`` runs over every known backend (ids ``[numpy]``, ``[torch]``, ...); tests
-    that also take ``builtin_name`` run once per (backend, built-in) pair
-    (``[numpy-onnxruntime]``)."""
-    if "builtin_name" in metafunc.fixturenames:
-        pairs = [(info.name, builtin) for info in KNOWN_BACKENDS.values()
-                 for builtin in info.builtins]
-        metafunc.parametrize(["backend", "builtin_name"], pairs, indirect=["backend"],
-                             ids=[f"{name}-{builtin}" for name, builtin in pairs],
-                             scope="session")
-    elif "backend" in metafunc.fixturenames:
+    that also take ``builtin_name`` (``layer_builtin_name``) run once per (backend, built-in)
+    pair (``[numpy-onnxruntime]``, ``[torch-torch.nn.BatchNormNd]``)."""
+    for fixture, attribute in (("builtin_name", "builtins"),
+                               ("layer_builtin_name", "layer_builtins")):
+        if fixture in metafunc.fixturenames:
+            pairs = [(info.name, builtin) for info in KNOWN_BACKENDS.values()
+                     for builtin in getattr(info, attribute)]
+            metafunc.parametrize(["backend", fixture], pairs, indirect=["backend"],
+                                 ids=[f"{name}-{builtin}" for name, builtin in pairs],
+                                 scope="session")
+            return
+    if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", list(KNOWN_BACKENDS), indirect=True, ids=str,
                              scope="session")

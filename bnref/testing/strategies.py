@@ -253,15 +253,17 @@ def layer_cases(
     max_channels: int = 4,
     max_steps: int = 4,
     load_state: bool | None = None,
+    channel_axis: int | None = None,
 ) -> LayerCase:
     """Several training batches (same channels, same per-channel offsets) and an eval batch.
 
-    ``momentum`` is a strategy (default: DEFAULT, None or a float in [0, 1]).
+    ``momentum`` is a strategy (default: DEFAULT, None or a float in [0, 1]);
+    ``channel_axis`` pins where the channels are.
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
     rank = draw(st.integers(*ranks))
-    channel_axis, axis = draw(_axis(rank, convention))
+    channel_axis, axis = draw(_axis(rank, convention, channel_axis))
     channels = draw(st.integers(1, max_channels))
     momentum_strategy = momentum if momentum is not None else st.one_of(st.none(), _momentum)
     pdtype = param_dtype(dtype)

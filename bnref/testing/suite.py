@@ -9,8 +9,9 @@ Use it from a test module of your own::
         return MyBackend()             # a bnref.testing.Backend subclass
 
 bnref's own ``tests/test_suite.py`` does exactly that with a fixture parametrized over every
-registered backend, and also imports :func:`test_matches_builtin` (not in ``*``: it needs a
-``builtin_name`` fixture naming one of the backend's built-ins).
+registered backend, and also imports :func:`test_matches_builtin` and
+:func:`test_layer_matches_builtin_layer` (not in ``*``: they need a ``builtin_name`` /
+``layer_builtin_name`` fixture naming one of the backend's built-ins).
 
 Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for the properties,
 from the mathematics directly (e.g. the running-statistic recurrence is re-derived here from
@@ -345,6 +346,15 @@ def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
     builtin = backend.builtin(builtin_name)
     case = data.draw(bn_cases(**builtin.cases), label="case")
     assert_all(check_builtin(backend, builtin, case), case)
+
+
+@given(data=st.data())
+def test_layer_matches_builtin_layer(backend: Backend, layer_builtin_name: str, data) -> None:
+    """The native layer and the framework's own layer, fed the same batches from the same
+    loaded state, agree step by step: outputs, running statistics, then inference."""
+    builtin = backend.layer_builtin(layer_builtin_name)
+    case = data.draw(layer_cases(**builtin.cases), label="layer case")
+    assert_all(check_layer(backend, case, reference=builtin), case)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.id)

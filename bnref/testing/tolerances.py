@@ -47,8 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "MAX_FINITE",
     "OVERRIDES",
     "SAFETY",
+    "TINY",
     "UNIT_ROUNDOFF",
     "ChannelStats",
     "Comparison",
