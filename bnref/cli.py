@@ -161,6 +161,16 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> l
                 f"vs {builtin_name}", dtype,
                 lambda r=restrictions: draw_examples(bn_cases(**r), examples),
                 lambda case, b=builtin: checks.check_builtin(backend, b, case)))
+    for builtin_name in KNOWN_BACKENDS[name].layer_builtins:
+        layer_builtin = backend.layer_builtin(builtin_name)
+        for dtype in layer_builtin.cases.get("dtypes", ("float32",)):
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            restrictions = {**layer_builtin.cases, "dtypes": (dtype,)}
+            tasks.append(Task(
+                f"layer vs {builtin_name}", dtype,
+                lambda r=restrictions: draw_examples(layer_cases(**r), examples),
+                lambda case, b=layer_builtin: checks.check_layer(backend, case, reference=b)))
     tasks.append(Task("bad input", "-", lambda: list(checks.MISTAKES),
                       lambda mistake: checks.check_mistake(backend, mistake)))
     tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),
