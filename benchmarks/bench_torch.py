@@ -67,10 +67,10 @@ def main() -> None:
         builtin, ours = builtin_cls(shape[1]), bt.BatchNorm(shape[1])
         x_grad = x.clone().requires_grad_()
 
-        def forward(layer):
+        def forward(layer, x=x):
             return lambda: layer(x)
 
-        def forward_backward(layer):
+        def forward_backward(layer, x_grad=x_grad, dy=dy):
             def run():
                 x_grad.grad = None
                 layer(x_grad).backward(dy)
