@@ -66,3 +66,16 @@ def test_quickstart_commands_are_one_line_each(marker):
     lines = [line for line in fenced_block_after(marker).splitlines() if line.strip()]
     assert len(lines) == 1
     assert "pip install -e '.[all,test]'" in lines[0]
+
+
+def test_every_other_python_snippet_runs():
+    """The usage snippets (conventions, numpy, torch) are executed as written."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
+              if "test_my_bn" not in b]
+    assert len(blocks) >= 3
+    if any("import torch" in b for b in blocks):
+        from bnref.testing.fixtures import backend_or_skip
+
+        backend_or_skip("torch")
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {number}", "exec"), {})
