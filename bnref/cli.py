@@ -161,6 +161,23 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> l
                 f"vs {builtin_name}", dtype,
                 lambda r=restrictions: draw_examples(bn_cases(**r), examples),
                 lambda case, b=builtin: checks.check_builtin(backend, b, case)))
+    for builtin_name in KNOWN_BACKENDS[name].gradient_builtins:
+        builtin = backend.builtin(builtin_name)
+        for dtype in builtin.cases.get("dtypes", ("float32",)):
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            restrictions = {**builtin.cases, "dtypes": (dtype,), "training": True}
+
+            @st.composite
+            def with_gradient(draw, r=restrictions):
+                case = draw(bn_cases(**r))
+                dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)))
+                return case, dy.astype(case.x.dtype)
+
+            tasks.append(Task(
+                f"gradients vs {builtin_name}", dtype,
+                lambda s=with_gradient: draw_examples(s(), examples),
+                lambda pair, b=builtin: checks.check_builtin_gradients(backend, b, *pair)))
     for builtin_name in KNOWN_BACKENDS[name].layer_builtins:
         layer_builtin = backend.layer_builtin(builtin_name)
         for dtype in layer_builtin.cases.get("dtypes", ("float32",)):

@@ -107,6 +107,15 @@ def _functional_builtin(x, gamma, beta, running_mean, running_var, *, training, 
             None if var_t is None else to_numpy(var_t))
 
 
+def _functional_gradients(x, gamma, beta, dy, *, eps):
+    inputs = [None if a is None else to_tensor(a).requires_grad_() for a in (x, gamma, beta)]
+    y = torch.nn.functional.batch_norm(inputs[0], None, None, inputs[1], inputs[2],
+                                       training=True, eps=eps)
+    wanted = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(y, wanted, grad_outputs=to_tensor(dy)))
+    return tuple(None if t is None else to_numpy(next(grads)) for t in inputs)
+
+
 class TorchBackend(Backend):
     name = "torch"
     array_type = bt.functional.ARRAY_TYPE
@@ -141,7 +150,8 @@ class TorchBackend(Backend):
         return Builtin(name, _functional_builtin,
                        cases={"conventions": ("torch",), "channel_axis": 1,
                               "dtypes": ("float32", "float64")},
-                       note="channels on axis 1, torch's momentum meaning")
+                       note="channels on axis 1, torch's momentum meaning",
+                       gradients=_functional_gradients)
 
     def layer_builtin(self, name: str) -> LayerBuiltin:
         if name != "torch.nn.BatchNormNd":

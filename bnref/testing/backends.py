@@ -143,6 +143,9 @@ class Builtin:
     run: Callable[..., tuple[Any, ...]]
     cases: Mapping[str, Any]
     note: str = ""
+    # (x, gamma, beta, dy, *, eps) -> (dx, dgamma, dbeta) by the framework's own autodiff,
+    # for built-ins listed in BackendInfo.gradient_builtins.
+    gradients: Callable[..., tuple[Any, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class BackendInfo:
     factory: str | Callable[[], Backend]  # "module:Class" (imported lazily) or a callable
     builtins: tuple[str, ...] = ()  # names the adapter's builtin() answers to
     layer_builtins: tuple[str, ...] = ()  # names the adapter's layer_builtin() answers to
+    gradient_builtins: tuple[str, ...] = ()  # built-ins whose Builtin.gradients is set
     module: str = ""  # the bnref module implementing it ("bnref.torch"); "" for third parties
 
 
@@ -174,17 +178,20 @@ KNOWN_BACKENDS: dict[str, BackendInfo] = {
                          builtins=("onnxruntime", "onnx.reference"), module="bnref.numpy"),
     "torch": BackendInfo("torch", "torch", "bnref.testing._torch:TorchBackend",
                          builtins=("torch.nn.functional.batch_norm",),
-                         layer_builtins=("torch.nn.BatchNormNd",), module="bnref.torch"),
+                         layer_builtins=("torch.nn.BatchNormNd",),
+                         gradient_builtins=("torch.nn.functional.batch_norm",),
+                         module="bnref.torch"),
 }
 
 _LOADED: dict[str, Backend] = {}
 
 
 def register_backend(name: str, framework: str, factory: str | Callable[[], Backend],
-                     builtins: tuple[str, ...] = (),
-                     layer_builtins: tuple[str, ...] = ()) -> None:
+                     builtins: tuple[str, ...] = (), layer_builtins: tuple[str, ...] = (),
+                     gradient_builtins: tuple[str, ...] = ()) -> None:
     """Make a backend known to the registry (and so to ``bnref check`` and the suite)."""
-    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory, builtins, layer_builtins)
+    KNOWN_BACKENDS[name] = BackendInfo(name, framework, factory, builtins, layer_builtins,
+                                       gradient_builtins)
     _LOADED.pop(name, None)
 
 

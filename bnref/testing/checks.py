@@ -35,6 +35,7 @@ __all__ = [
     "MISTAKES",
     "Mistake",
     "check_builtin",
+    "check_builtin_gradients",
     "check_finite_differences",
     "check_forward",
     "check_gradients",
@@ -231,6 +232,23 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer",
                                   "running_mean" not in state and "running_var" not in state,
                                   f"  state has {sorted(state)}"))
     return results
+
+
+def check_builtin_gradients(backend: Backend, builtin: Builtin, case: BNCase, dy: np.ndarray,
+                            check: str = "builtin gradients") -> list[Comparison]:
+    """Training-mode gradients vs the framework's own autodiff of its own batch norm
+    (both within the gradient bound of the exact values: twice it)."""
+    factor = 2 * override_factor(backend.name, case.dtype, f"{check}:{builtin.name}")
+    kwargs = {"eps": case.eps, "axis": case.axis, "convention": case.convention}
+    ours = backend.gradients(case.x, case.gamma, case.beta, dy, **kwargs)
+    theirs = builtin.gradients(case.x, case.gamma, case.beta, dy, eps=case.resolved_eps)
+    pdtype = case.gamma.dtype.name if case.gamma is not None else (
+        "float64" if case.dtype == "float64" else "float32")
+    tolerances = gradient_tolerances(case.x, dy, case.channel_axis, gamma=case.gamma,
+                                     eps=case.resolved_eps, param_dtype=pdtype, factor=factor)
+    return [compare(a, b, tol, f"{name} vs {builtin.name}")
+            for name, a, b, tol in zip(("dx", "dgamma", "dbeta"), ours, theirs, tolerances,
+                                       strict=True)]
 
 
 def check_finite_differences(backend: Backend, case: BNCase, dy: np.ndarray,

@@ -45,7 +45,8 @@ def pytest_generate_tests(metafunc) -> None:
     that also take ``builtin_name`` (``layer_builtin_name``) run once per (backend, built-in)
     pair (``[numpy-onnxruntime]``, ``[torch-torch.nn.BatchNormNd]``)."""
     for fixture, attribute in (("builtin_name", "builtins"),
-                               ("layer_builtin_name", "layer_builtins")):
+                               ("layer_builtin_name", "layer_builtins"),
+                               ("gradient_builtin_name", "gradient_builtins")):
         if fixture in metafunc.fixturenames:
             pairs = [(info.name, builtin) for info in KNOWN_BACKENDS.values()
                      for builtin in getattr(info, attribute)]

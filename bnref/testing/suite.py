@@ -9,9 +9,10 @@ Use it from a test module of your own::
         return MyBackend()             # a bnref.testing.Backend subclass
 
 bnref's own ``tests/test_suite.py`` does exactly that with a fixture parametrized over every
-registered backend, and also imports :func:`test_matches_builtin` and
-:func:`test_layer_matches_builtin_layer` (not in ``*``: they need a ``builtin_name`` /
-``layer_builtin_name`` fixture naming one of the backend's built-ins).
+registered backend, and also imports :func:`test_matches_builtin`,
+:func:`test_gradients_match_builtin` and :func:`test_layer_matches_builtin_layer` (not in
+``*``: they need a ``builtin_name`` / ``gradient_builtin_name`` / ``layer_builtin_name``
+fixture naming one of the backend's built-ins).
 
 Expected values come from the float64 oracle (:mod:`bnref.numpy`) or, for the properties,
 from the mathematics directly (e.g. the running-statistic recurrence is re-derived here from
@@ -34,6 +35,7 @@ from bnref.testing.checks import (
     LayerMistake,
     Mistake,
     check_builtin,
+    check_builtin_gradients,
     check_finite_differences,
     check_forward,
     check_gradients,
@@ -346,6 +348,15 @@ def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
     builtin = backend.builtin(builtin_name)
     case = data.draw(bn_cases(**builtin.cases), label="case")
     assert_all(check_builtin(backend, builtin, case), case)
+
+
+@given(data=st.data())
+def test_gradients_match_builtin(backend: Backend, gradient_builtin_name: str, data) -> None:
+    """dx, dgamma and dbeta agree with the framework's own autodiff of its own batch norm."""
+    builtin = backend.builtin(gradient_builtin_name)
+    case = data.draw(bn_cases(**{**builtin.cases, "training": True}), label="case")
+    dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
+    assert_all(check_builtin_gradients(backend, builtin, case, dy.astype(case.x.dtype)), case)
 
 
 @given(data=st.data())
