@@ -106,7 +106,7 @@ class _BatchStatistics(torch.autograd.Function):
         wide = x.to(dtype)
         mean = wide.mean(dims)
         centered = wide - _per_channel(mean, x.ndim, axis)
-        var = centered.square().mean(dims)
+        var = torch.mul(centered, centered).mean(dims)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if gamma is None else invstd * gamma.to(dtype)
         shift = None if beta is None else _per_channel(beta.to(dtype), x.ndim, axis)
