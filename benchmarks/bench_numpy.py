@@ -16,44 +16,17 @@ kernel; every timing below runs after a warm-up call under that setting.
 
 from __future__ import annotations
 
-import os
-import sys
+from _timing import medians, reuse_freed_memory
 
-_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
-        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-if any(os.environ.get(k) != v for k, v in _ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ENV})
+reuse_freed_memory({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import bnref.numpy as bn  # noqa: E402
+import bnref.numpy as bn
 
 SHAPES = [(64, 64, 56, 56), (4096, 1024)]
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def medians(reference, candidate, repeats: int, rounds: int = 5) -> tuple[float, float]:
-    """Median steady-state times of both, measured in alternating rounds.
-
-    Each round runs one side ``repeats`` times back to back, then the other, so both are
-    timed in steady state and a slow stretch of the machine hits both sides alike.
-    """
-    reference(), candidate()  # warm-up: first-touch page faults, caches
-    ref_times: list[float] = []
-    cand_times: list[float] = []
-    for _ in range(rounds):
-        ref_times += [_seconds(reference) for _ in range(repeats)]
-        cand_times += [_seconds(candidate) for _ in range(repeats)]
-    return statistics.median(ref_times), statistics.median(cand_times)
 
 
 def textbook(x, gamma, beta, axes):

@@ -14,39 +14,18 @@ their outputs; the script re-executes itself with glibc's ``MALLOC_MMAP_THRESHOL
 
 from __future__ import annotations
 
-import os
-import sys
+from _timing import medians, reuse_freed_memory
 
-_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
-if any(os.environ.get(k) != v for k, v in _ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ENV})
+reuse_freed_memory()
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
+import torch
 
-import bnref.torch as bt  # noqa: E402
+import bnref.torch as bt
 
 CASES = [((64, 64, 56, 56), torch.nn.BatchNorm2d), ((4096, 1024), torch.nn.BatchNorm1d)]
 TARGETS = {"forward": 1.3, "forward+backward": 1.5}
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def medians(reference, candidate, repeats: int, rounds: int = 5) -> tuple[float, float]:
-    reference(), candidate()  # warm-up
-    ref_times: list[float] = []
-    cand_times: list[float] = []
-    for _ in range(rounds):
-        ref_times += [_seconds(reference) for _ in range(repeats)]
-        cand_times += [_seconds(candidate) for _ in range(repeats)]
-    return statistics.median(ref_times), statistics.median(cand_times)
 
 
 def main() -> None:

@@ -103,91 +103,51 @@ class Task:
 
 
 def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
-    import numpy as np
-    from hypothesis import strategies as st
-    from hypothesis.extra.numpy import arrays
-
     from bnref.testing import checks
     from bnref.testing.backends import KNOWN_BACKENDS
-    from bnref.testing.strategies import bn_cases, layer_cases
+    from bnref.testing.strategies import bn_cases, layer_cases, with_directions, with_dy
 
-    def with_dy(dtype: str):
-        @st.composite
-        def strategy(draw):
-            case = draw(bn_cases(dtypes=(dtype,), training=True))
-            dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)))
-            return case, dy.astype(case.x.dtype)
-        return strategy()
+    def wanted(dtype: str) -> bool:
+        return dtypes is None or dtype in dtypes
 
-    def with_directions():
-        @st.composite
-        def strategy(draw):
-            case = draw(bn_cases(dtypes=("float64",), training=True, running_stats=False))
-            channels = case.x.shape[case.channel_axis]
-            unit = st.floats(-1, 1)
-            dy = draw(arrays(np.float64, case.x.shape, elements=unit))
-            direction = {"x": draw(arrays(np.float64, case.x.shape, elements=unit)),
-                         "gamma": draw(arrays(np.float64, (channels,), elements=unit)),
-                         "beta": draw(arrays(np.float64, (channels,), elements=unit))}
-            return case, dy, direction
-        return strategy()
+    def drawn(strategy):
+        return lambda: draw_examples(strategy, examples)
 
-    chosen = [d for d in backend.dtypes if dtypes is None or d in dtypes]
     tasks: list[Task] = []
-    for dtype in chosen:
+    for dtype in filter(wanted, backend.dtypes):
         if name == "numpy" and dtype == "float64":
             continue  # the oracle itself: compared with itself it proves nothing
         tasks += [
-            Task("forward", dtype,
-                 lambda d=dtype: draw_examples(bn_cases(dtypes=(d,)), examples),
+            Task("forward", dtype, drawn(bn_cases(dtypes=(dtype,))),
                  lambda case: checks.check_forward(backend, case)),
-            Task("gradients", dtype, lambda d=dtype: draw_examples(with_dy(d), examples),
+            Task("gradients", dtype, drawn(with_dy(bn_cases(dtypes=(dtype,), training=True))),
                  lambda pair: checks.check_gradients(backend, *pair)),
-            Task("layer", dtype,
-                 lambda d=dtype: draw_examples(layer_cases(dtypes=(d,)), examples),
+            Task("layer", dtype, drawn(layer_cases(dtypes=(dtype,))),
                  lambda case: checks.check_layer(backend, case)),
         ]
-    if "float64" in chosen:
-        tasks.append(Task("finite differences", "float64",
-                          lambda: draw_examples(with_directions(), examples),
+    if wanted("float64") and "float64" in backend.dtypes:
+        cases = bn_cases(dtypes=("float64",), training=True, running_stats=False)
+        tasks.append(Task("finite differences", "float64", drawn(with_directions(cases)),
                           lambda triple: checks.check_finite_differences(backend, *triple)))
-    for builtin_name in KNOWN_BACKENDS[name].builtins:
-        builtin = backend.builtin(builtin_name)
-        for dtype in builtin.cases.get("dtypes", ("float32",)):
-            if dtypes is not None and dtype not in dtypes:
-                continue
-            restrictions = {**builtin.cases, "dtypes": (dtype,)}
-            tasks.append(Task(
-                f"vs {builtin_name}", dtype,
-                lambda r=restrictions: draw_examples(bn_cases(**r), examples),
-                lambda case, b=builtin: checks.check_builtin(backend, b, case)))
-    for builtin_name in KNOWN_BACKENDS[name].gradient_builtins:
-        builtin = backend.builtin(builtin_name)
-        for dtype in builtin.cases.get("dtypes", ("float32",)):
-            if dtypes is not None and dtype not in dtypes:
-                continue
-            restrictions = {**builtin.cases, "dtypes": (dtype,), "training": True}
 
-            @st.composite
-            def with_gradient(draw, r=restrictions):
-                case = draw(bn_cases(**r))
-                dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)))
-                return case, dy.astype(case.x.dtype)
-
-            tasks.append(Task(
-                f"gradients vs {builtin_name}", dtype,
-                lambda s=with_gradient: draw_examples(s(), examples),
-                lambda pair, b=builtin: checks.check_builtin_gradients(backend, b, *pair)))
-    for builtin_name in KNOWN_BACKENDS[name].layer_builtins:
-        layer_builtin = backend.layer_builtin(builtin_name)
-        for dtype in layer_builtin.cases.get("dtypes", ("float32",)):
-            if dtypes is not None and dtype not in dtypes:
-                continue
-            restrictions = {**layer_builtin.cases, "dtypes": (dtype,)}
-            tasks.append(Task(
-                f"layer vs {builtin_name}", dtype,
-                lambda r=restrictions: draw_examples(layer_cases(**r), examples),
-                lambda case, b=layer_builtin: checks.check_layer(backend, case, reference=b)))
+    info = KNOWN_BACKENDS[name]
+    # (label, names, built-in getter, strategy from its restrictions, check)
+    kinds = [
+        ("vs", info.builtins, backend.builtin, lambda r: bn_cases(**r),
+         lambda b: lambda case: checks.check_builtin(backend, b, case)),
+        ("gradients vs", info.gradient_builtins, backend.builtin,
+         lambda r: with_dy(bn_cases(**{**r, "training": True})),
+         lambda b: lambda pair: checks.check_builtin_gradients(backend, b, *pair)),
+        ("layer vs", info.layer_builtins, backend.layer_builtin, lambda r: layer_cases(**r),
+         lambda b: lambda case: checks.check_layer(backend, case, reference=b)),
+    ]
+    for label, names, get, strategy, check in kinds:
+        for builtin_name in names:
+            builtin = get(builtin_name)
+            for dtype in filter(wanted, builtin.cases.get("dtypes", ("float32",))):
+                restrictions = {**builtin.cases, "dtypes": (dtype,)}
+                tasks.append(Task(f"{label} {builtin_name}", dtype,
+                                  drawn(strategy(restrictions)), check(builtin)))
     tasks.append(Task("bad input", "-", lambda: list(checks.MISTAKES),
                       lambda mistake: checks.check_mistake(backend, mistake)))
     tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),

@@ -28,6 +28,8 @@ __all__ = [
     "layer_cases",
     "numpy_dtype",
     "param_dtype",
+    "with_directions",
+    "with_dy",
 ]
 
 ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -295,3 +297,26 @@ def layer_cases(
             initial_state["running_var"] = _vector(draw, channels, pdtype, _running_var)
             initial_state["num_batches_tracked"] = np.asarray(draw(st.integers(0, 5)), np.int64)
     return LayerCase(config, tuple(batches[:-1]), batches[-1], initial_state)
+
+
+@st.composite
+def with_dy(draw, cases) -> tuple[BNCase, np.ndarray]:
+    """(case, dy): an upstream gradient in [-1, 1] of ``case.x``'s shape and dtype."""
+    case = draw(cases)
+    dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
+    return case, dy.astype(case.x.dtype)
+
+
+@st.composite
+def with_directions(draw, cases) -> tuple[BNCase, np.ndarray, dict[str, np.ndarray]]:
+    """(case, dy, direction): dy plus a random direction in (x, gamma, beta) space, in
+    float64, for central differences."""
+    case, dy = draw(with_dy(cases))
+    channels = case.x.shape[case.channel_axis]
+    unit = st.floats(-1, 1)
+    direction = {
+        "x": draw(arrays(np.float64, case.x.shape, elements=unit), label="x direction"),
+        "gamma": draw(arrays(np.float64, (channels,), elements=unit), label="gamma direction"),
+        "beta": draw(arrays(np.float64, (channels,), elements=unit), label="beta direction"),
+    }
+    return case, dy, direction

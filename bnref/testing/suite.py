@@ -43,7 +43,7 @@ from bnref.testing.checks import (
     check_layer_mistake,
     check_mistake,
 )
-from bnref.testing.strategies import bn_cases, layer_cases
+from bnref.testing.strategies import bn_cases, layer_cases, with_directions, with_dy
 from bnref.testing.tolerances import (
     MAX_FINITE,
     UNIT_ROUNDOFF,
@@ -113,9 +113,8 @@ def test_forward_matches_oracle(backend: Backend, data) -> None:
 def test_gradients_match_oracle(backend: Backend, data) -> None:
     """dx, dgamma and dbeta of training-mode batch_norm agree with the analytic backward."""
     _needs(backend, "gradients")
-    case = data.draw(_cases(backend, training=True), label="case")
-    dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
-    assert_all(check_gradients(backend, case, dy.astype(case.x.dtype)), case)
+    case, dy = data.draw(with_dy(_cases(backend, training=True)), label="case and dy")
+    assert_all(check_gradients(backend, case, dy), case)
 
 
 @given(data=st.data())
@@ -125,16 +124,8 @@ def test_gradients_match_finite_differences(backend: Backend, data) -> None:
     _needs(backend, "gradients")
     if "float64" not in backend.dtypes:
         pytest.skip(f"backend {backend.name!r} has no float64")
-    case = data.draw(_cases(backend, dtypes=("float64",), training=True, running_stats=False),
-                     label="case")
-    unit = st.floats(-1, 1)
-    channels = case.x.shape[case.channel_axis]
-    dy = data.draw(arrays(np.float64, case.x.shape, elements=unit), label="dy")
-    direction = {
-        "x": data.draw(arrays(np.float64, case.x.shape, elements=unit), label="x direction"),
-        "gamma": data.draw(arrays(np.float64, (channels,), elements=unit), label="gamma dir"),
-        "beta": data.draw(arrays(np.float64, (channels,), elements=unit), label="beta dir"),
-    }
+    cases = _cases(backend, dtypes=("float64",), training=True, running_stats=False)
+    case, dy, direction = data.draw(with_directions(cases), label="case, dy, direction")
     assert_all(check_finite_differences(backend, case, dy, direction), case)
 
 
@@ -354,9 +345,9 @@ def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
 def test_gradients_match_builtin(backend: Backend, gradient_builtin_name: str, data) -> None:
     """dx, dgamma and dbeta agree with the framework's own autodiff of its own batch norm."""
     builtin = backend.builtin(gradient_builtin_name)
-    case = data.draw(bn_cases(**{**builtin.cases, "training": True}), label="case")
-    dy = data.draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
-    assert_all(check_builtin_gradients(backend, builtin, case, dy.astype(case.x.dtype)), case)
+    cases = bn_cases(**{**builtin.cases, "training": True})
+    case, dy = data.draw(with_dy(cases), label="case and dy")
+    assert_all(check_builtin_gradients(backend, builtin, case, dy), case)
 
 
 @given(data=st.data())
