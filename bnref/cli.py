@@ -103,15 +103,25 @@ class Task:
 
 
 def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
-    from bnref.testing import checks
+    from bnref.testing import checks, strategies
     from bnref.testing.backends import KNOWN_BACKENDS
-    from bnref.testing.strategies import bn_cases, layer_cases, with_directions, with_dy
+    from bnref.testing.strategies import with_directions, with_dy
 
     def wanted(dtype: str) -> bool:
         return dtypes is None or dtype in dtypes
 
+    # Backends that compile per shape draw from their pool and run fewer cases per row.
+    count = max(5, round(examples * backend.example_scale))
+    pool = {"shapes": backend.shape_pool}
+
     def drawn(strategy):
-        return lambda: draw_examples(strategy, examples)
+        return lambda: draw_examples(strategy, count)
+
+    def bn_cases(**restrictions):
+        return strategies.bn_cases(**{**pool, **restrictions})
+
+    def layer_cases(**restrictions):
+        return strategies.layer_cases(**{**pool, **restrictions})
 
     tasks: list[Task] = []
     for dtype in filter(wanted, backend.dtypes):

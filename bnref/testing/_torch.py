@@ -107,7 +107,8 @@ def _functional_builtin(x, gamma, beta, running_mean, running_var, *, training, 
             None if var_t is None else to_numpy(var_t))
 
 
-def _functional_gradients(x, gamma, beta, dy, *, eps):
+def _functional_gradients(x, gamma, beta, dy, *, eps, axis=1):
+    del axis  # fixed by the cases: channels on axis 1
     inputs = [None if a is None else to_tensor(a).requires_grad_() for a in (x, gamma, beta)]
     y = torch.nn.functional.batch_norm(inputs[0], None, None, inputs[1], inputs[2],
                                        training=True, eps=eps)

@@ -81,6 +81,11 @@ class Backend:
     array_type: str = "numpy.ndarray"
     dtypes: tuple[str, ...] = ("float32", "float64")
     conventions: tuple[str, ...] = tuple(CONVENTIONS)  # the ones drawn cases may use
+    # A fixed pool of shapes to draw from, for frameworks that compile per shape (JAX);
+    # None draws shapes freely.
+    shape_pool: tuple[tuple[int, ...], ...] | None = None
+    # The share of the Hypothesis profile's max_examples this backend runs per property.
+    example_scale: float = 1.0
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -143,7 +148,7 @@ class Builtin:
     run: Callable[..., tuple[Any, ...]]
     cases: Mapping[str, Any]
     note: str = ""
-    # (x, gamma, beta, dy, *, eps) -> (dx, dgamma, dbeta) by the framework's own autodiff,
+    # (x, gamma, beta, dy, *, eps, axis) -> (dx, dgamma, dbeta) by the framework's autodiff,
     # for built-ins listed in BackendInfo.gradient_builtins.
     gradients: Callable[..., tuple[Any, ...]] | None = None
 
@@ -181,6 +186,10 @@ KNOWN_BACKENDS: dict[str, BackendInfo] = {
                          layer_builtins=("torch.nn.BatchNormNd",),
                          gradient_builtins=("torch.nn.functional.batch_norm",),
                          module="bnref.torch"),
+    "jax": BackendInfo("jax", "jax", "bnref.testing._jax:JaxBackend",
+                       builtins=("flax.linen.BatchNorm",),
+                       layer_builtins=("flax.linen.BatchNorm", "flax.nnx.BatchNorm"),
+                       gradient_builtins=("flax.linen.BatchNorm",), module="bnref.jax"),
 }
 
 _LOADED: dict[str, Backend] = {}

@@ -189,6 +189,29 @@ def _axis(draw, rank: int, convention: str, channel_axis: int | None = None):
 
 
 @st.composite
+def _geometry(draw, convention: str, ranks: tuple[int, int], max_channels: int,
+              min_per_channel: int, channel_axis: int | None, shapes):
+    """(shape, channel axis, axis as passed): drawn freely, or from a fixed pool of shapes.
+
+    A pool keeps the number of distinct shapes small for backends that compile per shape
+    (JAX); the channel axis is still drawn, so one shape serves several channel counts.
+    """
+    if shapes is None:
+        rank = draw(st.integers(*ranks))
+        channel_axis, axis = draw(_axis(rank, convention, channel_axis))
+        channels = draw(st.integers(1, max_channels))
+        return draw(_shape(rank, channel_axis, channels, min_per_channel)), channel_axis, axis
+    choices = [
+        (shape, a) for shape in shapes if ranks[0] <= len(shape) <= ranks[1]
+        for a in range(len(shape))
+        if (channel_axis is None or a == channel_axis) and shape[a] <= max_channels
+        and math.prod(shape) // shape[a] >= min_per_channel
+    ]
+    shape, chosen = draw(st.sampled_from(choices))
+    return shape, *draw(_axis(len(shape), convention, chosen))
+
+
+@st.composite
 def bn_cases(
     draw,
     *,
@@ -203,6 +226,9 @@ def bn_cases(
     offsets: bool = True,
     channel_axis: int | None = None,
     float32_constants: bool = False,
+    shapes: tuple[tuple[int, ...], ...] | None = None,
+    eps: Any = None,
+    momentum: Any = None,
 ) -> BNCase:
     """A valid ``batch_norm`` call. ``None`` for a flag means "either".
 
@@ -231,7 +257,8 @@ def bn_cases(
     if with_stats:
         running_var = _keep_inference_finite(x, channel_axis, gamma, beta, running_mean,
                                              running_var)
-    momentum, eps = draw(_momentum), draw(_eps)
+    momentum = draw(_momentum if momentum is None else momentum)
+    eps = draw(_eps if eps is None else eps)
     if float32_constants:
         conv = get_convention(convention)
         momentum = float(np.float32(conv.default_momentum if momentum is DEFAULT else momentum))
@@ -256,32 +283,35 @@ def layer_cases(
     max_steps: int = 4,
     load_state: bool | None = None,
     channel_axis: int | None = None,
+    shapes: tuple[tuple[int, ...], ...] | None = None,
+    eps: Any = None,
 ) -> LayerCase:
     """Several training batches (same channels, same per-channel offsets) and an eval batch.
 
     ``momentum`` is a strategy (default: DEFAULT, None or a float in [0, 1]);
-    ``channel_axis`` pins where the channels are.
+    ``channel_axis`` pins where the channels are; with a pool of ``shapes`` every batch has
+    the same shape.
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
-    rank = draw(st.integers(*ranks))
-    channel_axis, axis = draw(_axis(rank, convention, channel_axis))
-    channels = draw(st.integers(1, max_channels))
+    first_shape, channel_axis, axis = draw(_geometry(convention, ranks, max_channels, 2,
+                                                     channel_axis, shapes))
+    channels = first_shape[channel_axis]
     momentum_strategy = momentum if momentum is not None else st.one_of(st.none(), _momentum)
     pdtype = param_dtype(dtype)
     config = LayerConfig(
         num_features=channels, convention=convention, momentum=draw(momentum_strategy),
-        eps=draw(_eps), affine=draw(st.booleans()),
+        eps=draw(_eps if eps is None else eps), affine=draw(st.booleans()),
         track_running_stats=(draw(st.booleans()) if track_running_stats is None
                              else track_running_stats),
         axis=axis, param_dtype=pdtype,
     )
     steps = draw(st.integers(1, max_steps))
-    first, offsets, spreads = draw(_values(draw(_shape(rank, channel_axis, channels, 2)),
-                                           channel_axis, dtype))
+    first, offsets, spreads = draw(_values(first_shape, channel_axis, dtype))
     batches = [first]
     for _ in range(steps):  # later batches may change size, not channels or distribution
-        shape = draw(_shape(rank, channel_axis, channels, 2))
+        shape = first_shape if shapes is not None else draw(
+            _shape(len(first_shape), channel_axis, channels, 2))
         batches.append(draw(_values(shape, channel_axis, dtype, offsets, spreads))[0])
     initial_state = None
     if load_state if load_state is not None else draw(st.booleans()):

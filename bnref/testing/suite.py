@@ -21,9 +21,12 @@ the convention records, not taken from the code under test).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -73,6 +76,31 @@ __all__ = [
 _NON_TORCH = tuple(name for name in CONVENTIONS if not CONVENTIONS[name].single_value_error)
 
 
+def property_test(test):
+    """``@given(data=st.data())``, with the active profile's example budget scaled by the
+    backend's ``example_scale`` (frameworks that compile per shape run fewer examples).
+
+    The Hypothesis test is built per call, so the budget can depend on the backend fixture.
+    """
+    signature = inspect.signature(test)
+
+    @functools.wraps(test)
+    def run(backend: Backend, *args, **kwargs) -> None:
+        budget = max(10, round(settings.default.max_examples * backend.example_scale))
+
+        @settings(max_examples=budget)
+        @given(data=st.data())
+        def examples(data) -> None:
+            test(backend, *args, data=data, **kwargs)
+
+        examples.__qualname__ = test.__qualname__  # a stable name: derandomized seeds
+        examples()
+
+    run.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "data"])
+    return run
+
+
 def _needs(backend: Backend, capability: str) -> None:
     """Skip, saying why, when a (third-party) backend does not implement ``capability``."""
     if capability not in backend.capabilities:
@@ -82,12 +110,12 @@ def _needs(backend: Backend, capability: str) -> None:
 def _cases(backend: Backend, **restrictions):
     """Cases within what the backend supports (its dtypes and conventions)."""
     return bn_cases(**{"dtypes": backend.dtypes, "conventions": backend.conventions,
-                       **restrictions})
+                       "shapes": backend.shape_pool, **restrictions})
 
 
 def _layer_cases(backend: Backend, **restrictions):
     return layer_cases(**{"dtypes": backend.dtypes, "conventions": backend.conventions,
-                          **restrictions})
+                          "shapes": backend.shape_pool, **restrictions})
 
 
 def assert_all(results: list[Comparison], context: object = "") -> None:
@@ -102,14 +130,14 @@ def _per_channel(values, ndim: int, axis: int) -> np.ndarray:
     return np.asarray(values, np.float64).reshape(shape)
 
 
-@given(data=st.data())
+@property_test
 def test_forward_matches_oracle(backend: Backend, data) -> None:
     """Output and running statistics agree with the float64 oracle, for every convention."""
     case = data.draw(_cases(backend), label="case")
     assert_all(check_forward(backend, case), case)
 
 
-@given(data=st.data())
+@property_test
 def test_gradients_match_oracle(backend: Backend, data) -> None:
     """dx, dgamma and dbeta of training-mode batch_norm agree with the analytic backward."""
     _needs(backend, "gradients")
@@ -117,7 +145,7 @@ def test_gradients_match_oracle(backend: Backend, data) -> None:
     assert_all(check_gradients(backend, case, dy), case)
 
 
-@given(data=st.data())
+@property_test
 def test_gradients_match_finite_differences(backend: Backend, data) -> None:
     """In float64 the gradients are the derivative of the backend's own forward: a central
     difference along a random direction matches <gradient, direction>."""
@@ -129,7 +157,7 @@ def test_gradients_match_finite_differences(backend: Backend, data) -> None:
     assert_all(check_finite_differences(backend, case, dy, direction), case)
 
 
-@given(data=st.data())
+@property_test
 def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
     """The native layer over several training steps, then inference, follows the oracle layer
     (outputs, running statistics, batch counter), with and without loaded state."""
@@ -138,7 +166,7 @@ def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
     assert_all(check_layer(backend, case), case)
 
 
-@given(data=st.data())
+@property_test
 def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> None:
     """In training each channel of y has mean beta and std |gamma| * sqrt(var / (var + eps))
     (that is |gamma| when var >> eps)."""
@@ -167,7 +195,7 @@ def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> 
                case)
 
 
-@given(data=st.data())
+@property_test
 def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> None:
     """batch_norm(a * x + b) == batch_norm(x) for a > 0 once eps scales with a² (the only
     place the scale of x survives); a is a power of two so a * x is exact."""
@@ -201,7 +229,7 @@ def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> 
     assert_all([compare(y_shifted, y, tol, "batch_norm(a*x+b) vs batch_norm(x)")], case)
 
 
-@given(data=st.data())
+@property_test
 def test_batch_permutation_equivariance(backend: Backend, data) -> None:
     """Permuting the batch permutes the output the same way; running statistics do not move."""
     case = data.draw(_cases(backend, training=True, running_stats=True),
@@ -225,7 +253,7 @@ def test_batch_permutation_equivariance(backend: Backend, data) -> None:
                 compare(var_p, var, 2 * var_tol, "running_var of permuted batch")], case)
 
 
-@given(data=st.data())
+@property_test
 def test_inference_is_a_per_channel_affine_map(backend: Backend, data) -> None:
     """In inference y = A_c x + B_c with A = gamma / sqrt(running_var + eps) and
     B = beta - running_mean * A, computed here in float64 from the case's own numbers."""
@@ -245,7 +273,7 @@ def test_inference_is_a_per_channel_affine_map(backend: Backend, data) -> None:
     assert_all([compare(y, expected, tol, "inference output vs A*x+B")], case)
 
 
-@given(data=st.data())
+@property_test
 def test_running_stat_recurrence(backend: Backend, data) -> None:
     """Chaining batch_norm over several batches follows each convention's recurrence,
     re-derived here from the record: the new batch statistic gets weight m ("new") or 1 - m
@@ -285,7 +313,7 @@ def test_running_stat_recurrence(backend: Backend, data) -> None:
                 compare(var, expected_var, var_tol, "running_var after the steps")], first)
 
 
-@given(data=st.data())
+@property_test
 def test_cumulative_average_layer(backend: Backend, data) -> None:
     """momentum=None: after k training batches a fresh layer's running statistics are the
     plain averages of the k batch means and batch variances (unbiased where the convention
@@ -317,7 +345,7 @@ def test_cumulative_average_layer(backend: Backend, data) -> None:
     ], case)
 
 
-@given(data=st.data())
+@property_test
 def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
     """Only the torch convention refuses one value per channel in training; the others
     normalise it to beta (its variance is 0) and move the running variance towards 0."""
@@ -332,30 +360,31 @@ def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
     assert_all(check_forward(backend, case), case)
 
 
-@given(data=st.data())
+@property_test
 def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
     """batch_norm agrees with the framework's own implementation on every case it accepts
     (the ``builtin_name`` fixture names one; see ``Builtin.cases`` for the restrictions)."""
     builtin = backend.builtin(builtin_name)
-    case = data.draw(bn_cases(**builtin.cases), label="case")
+    case = data.draw(bn_cases(**{"shapes": backend.shape_pool, **builtin.cases}), label="case")
     assert_all(check_builtin(backend, builtin, case), case)
 
 
-@given(data=st.data())
+@property_test
 def test_gradients_match_builtin(backend: Backend, gradient_builtin_name: str, data) -> None:
     """dx, dgamma and dbeta agree with the framework's own autodiff of its own batch norm."""
     builtin = backend.builtin(gradient_builtin_name)
-    cases = bn_cases(**{**builtin.cases, "training": True})
+    cases = bn_cases(**{"shapes": backend.shape_pool, **builtin.cases, "training": True})
     case, dy = data.draw(with_dy(cases), label="case and dy")
     assert_all(check_builtin_gradients(backend, builtin, case, dy), case)
 
 
-@given(data=st.data())
+@property_test
 def test_layer_matches_builtin_layer(backend: Backend, layer_builtin_name: str, data) -> None:
     """The native layer and the framework's own layer, fed the same batches from the same
     loaded state, agree step by step: outputs, running statistics, then inference."""
     builtin = backend.layer_builtin(layer_builtin_name)
-    case = data.draw(layer_cases(**builtin.cases), label="layer case")
+    case = data.draw(layer_cases(**{"shapes": backend.shape_pool, **builtin.cases}),
+                     label="layer case")
     assert_all(check_layer(backend, case, reference=builtin), case)
 
 
