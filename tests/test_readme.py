@@ -69,13 +69,14 @@ def test_quickstart_commands_are_one_line_each(marker):
 
 
 def test_every_other_python_snippet_runs():
-    """The usage snippets (conventions, numpy, torch) are executed as written."""
+    """The usage snippets (conventions, numpy, torch, jax) are executed as written."""
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
               if "test_my_bn" not in b]
     assert len(blocks) >= 3
-    if any("import torch" in b for b in blocks):
-        from bnref.testing.fixtures import backend_or_skip
+    from bnref.testing.fixtures import backend_or_skip
 
-        backend_or_skip("torch")
+    for backend in ("torch", "jax"):  # the snippets' frameworks must be there (or skip)
+        if any(f"import {backend}" in b for b in blocks):
+            backend_or_skip(backend)
     for number, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {number}", "exec"), {})
