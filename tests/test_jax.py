@@ -133,3 +133,19 @@ def test_errors_are_raised_before_tracing(bad):
     gamma = jnp.ones(2) if bad == "scale-shape" else None
     with pytest.raises((TypeError, ValueError), match="must"):
         jax.jit(functools.partial(bj.batch_norm, training=True))(x, gamma, None, None, None)
+
+
+def test_vjp_and_grad_agree():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(1, 2, (6, 3)).astype(np.float64))
+    gamma = jnp.asarray(rng.normal(size=3))
+    dy = jnp.asarray(rng.normal(size=(6, 3)))
+
+    def forward(x, gamma):
+        return bj.batch_norm(x, gamma, None, None, None, training=True)[0]
+
+    _, pullback = jax.vjp(forward, x, gamma)
+    dx, dgamma = pullback(dy)
+    gx, ggamma = jax.grad(lambda x, g: jnp.sum(forward(x, g) * dy), argnums=(0, 1))(x, gamma)
+    assert_close(np.asarray(dx), np.asarray(gx), 1e-12, "dx")
+    assert_close(np.asarray(dgamma), np.asarray(ggamma), 1e-12, "dgamma")
