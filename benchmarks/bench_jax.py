@@ -28,41 +28,41 @@ SHAPES = [(64, 56, 56, 64), (4096, 1024)]
 TARGET = 1.0
 
 
-def flax_functions(x, fast: bool):
-    module = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
-    variables = module.init(jax.random.key(0), x)
-
-    @jax.jit
-    def forward(params, stats, x):
-        y, updates = module.apply({"params": params, "batch_stats": stats}, x,
-                                  mutable=["batch_stats"])
-        return y, updates["batch_stats"]
+def jitted(apply):
+    """Jitted forward ``(params, stats, x) -> (y, new stats)`` and gradient of ``sum(y * dy)``
+    with respect to ``x`` and the parameters, from an un-jitted ``apply`` of that form."""
+    forward = jax.jit(apply)
 
     @jax.jit
     def grads(params, stats, x, dy):
         def objective(x, params):
-            return jnp.sum(forward(params, stats, x)[0] * dy)
+            return jnp.sum(apply(params, stats, x)[0] * dy)
         return jax.grad(objective, argnums=(0, 1))(x, params)
 
-    return variables["params"], variables["batch_stats"], forward, grads
+    return forward, grads
+
+
+def flax_functions(x, fast: bool):
+    module = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
+    variables = module.init(jax.random.key(0), x)
+
+    def apply(params, stats, x):
+        y, updates = module.apply({"params": params, "batch_stats": stats}, x,
+                                  mutable=["batch_stats"])
+        return y, updates["batch_stats"]
+
+    return variables["params"], variables["batch_stats"], *jitted(apply)
 
 
 def bnref_functions(x):
     layer = bj.BatchNorm()
     variables = layer.init(x)
 
-    @jax.jit
-    def forward(params, stats, x):
+    def apply(params, stats, x):
         y, new = layer.apply({"params": params, "batch_stats": stats}, x, training=True)
         return y, new["batch_stats"]
 
-    @jax.jit
-    def grads(params, stats, x, dy):
-        def objective(x, params):
-            return jnp.sum(forward(params, stats, x)[0] * dy)
-        return jax.grad(objective, argnums=(0, 1))(x, params)
-
-    return variables["params"], variables["batch_stats"], forward, grads
+    return variables["params"], variables["batch_stats"], *jitted(apply)
 
 
 def main() -> None:

@@ -34,6 +34,10 @@ Gradients (training mode), with ``D = max |dy|``:
 
 Every bound also adds the smallest normal number of the result's dtype (:data:`TINY`): values
 that underflow, or are flushed to zero, lose up to that much whatever their relative accuracy.
+Some compilers (XLA on CPU) also flush subnormal *inputs and intermediates* to zero: a
+per-channel scale below TINY of the compute dtype then loses ``|x - mean| * TINY``, and a sum
+of ``n`` subnormal terms ``n * TINY``; those terms are added too (they matter only when every
+value involved is that small).
 
 Each bound is multiplied by :data:`SAFETY` (4) for the handful of roundings first-order analysis
 folds together. A backend/dtype/check that needs more gets an entry in :data:`OVERRIDES`
@@ -152,8 +156,10 @@ def forward_tolerance(
     g = _growth(stats.count) if batch_stats else 1.0
     abs_gamma = np.ones_like(sigma) if gamma is None else np.abs(gamma.astype(np.float64))
     abs_beta = np.zeros_like(sigma) if beta is None else np.abs(beta.astype(np.float64))
+    flushed = TINY[compute_dtype_name(dtype)] * (
+        stats.max_abs + np.abs(np.asarray(mean, np.float64)) + abs_gamma / sigma + 1)
     bound = (abs_gamma * u * g * (1 + kappa) * (1 + x_hat_max)
-             + (3 * u + v) * (abs_gamma * x_hat_max + abs_beta) + TINY[dtype])
+             + (3 * u + v) * (abs_gamma * x_hat_max + abs_beta) + TINY[dtype] + flushed)
     return _per_channel(SAFETY * factor * bound, x.ndim, axis)
 
 
@@ -205,9 +211,11 @@ def gradient_tolerances(
     g, n = _growth(stats.count), stats.count
     e = u * g * (1 + kappa)
     abs_gamma = np.ones_like(sigma) if gamma is None else np.abs(gamma.astype(np.float64))
-    dx_bound = abs_gamma / sigma * d * (1 + x_hat_max) ** 2 * (e + v) + TINY[dtype]
-    dgamma_bound = n * d * (e * (1 + x_hat_max) + v_p) + TINY[param_dtype]
-    dbeta_bound = n * d * (u * g + v_p) + TINY[param_dtype]
+    flushed = TINY[compute_dtype_name(dtype)] * n * (1 + x_hat_max) ** 2
+    dx_bound = (abs_gamma / sigma * d * (1 + x_hat_max) ** 2 * (e + v) + TINY[dtype]
+                + flushed * (1 + abs_gamma / sigma))
+    dgamma_bound = n * d * (e * (1 + x_hat_max) + v_p) + TINY[param_dtype] + flushed
+    dbeta_bound = n * d * (u * g + v_p) + TINY[param_dtype] + flushed
     k = SAFETY * factor
     return _per_channel(k * dx_bound, x.ndim, axis), k * dgamma_bound, k * dbeta_bound
 
