@@ -5,6 +5,9 @@ Backends describe their arrays to these functions as ``(shape, dtype name)`` thr
 every framework: ``TypeError`` for a wrong array type or dtype, ``ValueError`` for wrong shapes
 and values. dtypes are named by their numpy names (``int32``) and shapes are tuples. Validation
 only reads its arguments; nothing is modified.
+
+A dimension unknown until run time (the batch dimension of a traced TensorFlow graph) is
+``None`` in a shape: checks that need its size are left to run time, and ``count`` is ``None``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MIN_RANK, MAX_RANK = 2, 5
 
 # inspect(value) -> (shape, dtype name), or None when value is not this framework's array.
-Inspect = Callable[[Any], "tuple[tuple[int, ...], str] | None"]
+# A dimension may be None when only run time knows it.
+Inspect = Callable[[Any], "tuple[tuple[int | None, ...], str] | None"]
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,8 @@ class BatchNormArgs:
 
     axis: int  # non-negative channel axis
     reduce_axes: tuple[int, ...]  # every other axis
-    num_channels: int
-    count: int  # values per channel
+    num_channels: int | None  # None: unknown until run time
+    count: int | None  # values per channel; None: unknown until run time
     eps: float
     momentum: float
     convention: Convention
@@ -45,12 +49,13 @@ def _describe(value: Any, inspect: Inspect) -> str:
     return f"shape {info[0]}" if info else type(value).__name__
 
 
-def _array(name: str, value: Any, inspect: Inspect, array_type: str) -> tuple[tuple[int, ...], str]:
+def _array(name: str, value: Any, inspect: Inspect,
+           array_type: str) -> tuple[tuple[int | None, ...], str]:
     info = inspect(value)
     if info is None:
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
         raise TypeError(f"{name} must be a {array_type}, got {kind}")
-    shape, dtype = tuple(int(d) for d in info[0]), str(info[1])
+    shape, dtype = tuple(None if d is None else int(d) for d in info[0]), str(info[1])
     if dtype not in FLOATING_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {dtype}"
@@ -129,7 +134,7 @@ def check_batch_norm_args(
         raise ValueError(
             f"x must have rank {MIN_RANK} to {MAX_RANK}, got rank {ndim} with shape {x_shape}"
         )
-    if math.prod(x_shape) == 0:
+    if 0 in x_shape:
         raise ValueError(f"x must hold at least one value per channel, got shape {x_shape}")
     conv = get_convention(convention)
     channel_axis = check_axis(conv.default_axis if axis is None else axis, ndim)
@@ -145,7 +150,7 @@ def check_batch_norm_args(
         if value is None:
             continue
         shape, _ = _array(name, value, inspect, array_type)
-        if shape != (num_channels,):
+        if not _compatible(shape, (num_channels,)):
             raise ValueError(
                 f"{name} must have shape ({num_channels},) to match the {num_channels} channels "
                 f"of x on axis {channel_axis}, got shape {shape}"
@@ -157,7 +162,8 @@ def check_batch_norm_args(
             f"running_var={_describe(running_var, inspect)}"
         )
 
-    count = math.prod(x_shape) // num_channels
+    known = None not in x_shape
+    count = math.prod(x_shape) // num_channels if known else None
     uses_batch_stats = training or running_mean is None
     if uses_batch_stats and count == 1 and conv.single_value_error:
         raise ValueError(
@@ -169,11 +175,17 @@ def check_batch_norm_args(
                          resolved_momentum, conv, running_mean is not None)
 
 
-def check_like(name: str, value: Any, shape: tuple[int, ...], *, inspect: Inspect,
+def _compatible(shape: tuple[int | None, ...], expected: tuple[int | None, ...]) -> bool:
+    """Equal shapes, where an unknown (None) dimension matches any size."""
+    return len(shape) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(shape, expected, strict=True))
+
+
+def check_like(name: str, value: Any, shape: tuple[int | None, ...], *, inspect: Inspect,
                array_type: str) -> None:
     """``value`` must be a floating array of exactly ``shape`` (e.g. ``dy`` against ``x``)."""
     got, _ = _array(name, value, inspect, array_type)
-    if got != tuple(shape):
+    if not _compatible(got, tuple(shape)):
         raise ValueError(f"{name} must have the shape of x, {tuple(shape)}, got shape {got}")
 
 

@@ -1,0 +1,114 @@
+"""Batch normalization in TensorFlow, from plain ops (no ``tf.nn.moments``, no fused kernel).
+
+Training, per channel over every axis but the channel axis (``n`` values each)::
+
+    mean = sum(x) / n
+    var  = sum((x - mean)²) / n                (biased, two-pass)
+    y    = (x - mean) * scale + beta           scale = gamma / sqrt(var + eps)
+    running <- convention.update_running(running, batch statistic)
+
+Inference uses the running statistics. float16/bfloat16 inputs are computed in float32 and
+float64 in float64. The math runs as one XLA-compiled ``tf.function``: XLA fuses the passes,
+which is what makes plain ops as fast as a fused kernel, and it works unchanged eagerly,
+inside an outer ``tf.function`` (with or without ``jit_compile``) and under ``GradientTape``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from bnref._checks import check_batch_norm_args
+from bnref.conventions import DEFAULT, Convention, get_convention
+
+__all__ = ["batch_norm"]
+
+ARRAY_TYPE = "tf.Tensor"
+
+
+def _inspect(value: Any) -> tuple[tuple[int | None, ...], str] | None:
+    if not isinstance(value, (tf.Tensor, tf.Variable)):
+        return None
+    return tuple(value.shape), value.dtype.name
+
+
+def compute_dtype(dtype: tf.DType) -> tf.DType:
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _per_channel(vector: tf.Tensor, ndim: int, axis: int) -> tf.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return tf.reshape(vector, shape)
+
+
+def batch_norm(
+    x: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    running_mean: tf.Tensor | None,
+    running_var: tf.Tensor | None,
+    *,
+    training: bool,
+    momentum: float = DEFAULT,  # type: ignore[assignment]
+    eps: float | None = None,
+    axis: int | None = None,
+    convention: str | Convention = "torch",
+) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+    """Batch-normalize ``x`` over every axis but the channel axis (see :mod:`bnref.numpy`).
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased batch statistics in
+    training (or when no running statistics are given) and the running statistics in
+    inference. Returns ``(y, new_running_mean, new_running_var)`` as new tensors (variables
+    passed in are read, never assigned): in training the running statistics move by the
+    convention's rule (torch: ``(1 - m) * old + m * batch``, variance unbiased;
+    keras/flax/mxnet/onnx: ``m * old + (1 - m) * batch``, biased). ``training``,
+    ``momentum``, ``eps``, ``axis`` and ``convention`` are Python values. A batch size unknown
+    until run time (``None`` in a traced graph) is fine; the torch convention's "more than one
+    value per channel" check then cannot run before the data arrives and is skipped.
+    """
+    args = check_batch_norm_args(x, gamma, beta, running_mean, running_var, training=training,
+                                 momentum=momentum, eps=eps, axis=axis, convention=convention,
+                                 inspect=_inspect, array_type=ARRAY_TYPE)
+    dtype = compute_dtype(x.dtype)
+    # Tensors, not Python floats: a tf.function retraces for every new Python constant.
+    y, new_mean, new_var = _normalise(x, gamma, beta, running_mean, running_var, tf.constant(args.eps, dtype),
+                      tf.constant(args.momentum, dtype), training=training, axis=args.axis,
+                      convention=args.convention.name)
+    if running_mean is None or not training:
+        return y, running_mean, running_var
+    return y, new_mean, new_var
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _normalise(x, gamma, beta, running_mean, running_var, eps, momentum, *, training: bool,
+               axis: int, convention: str):
+    """The math, traced once per dtypes and flags and compiled by XLA once per shape."""
+    conv = get_convention(convention)
+    ndim = x.shape.rank
+    reduce_axes = [i for i in range(ndim) if i != axis]
+    dtype = compute_dtype(x.dtype)
+    wide = tf.cast(x, dtype)
+    if training or running_mean is None:
+        mean = tf.reduce_mean(wide, axis=reduce_axes)
+        centered = wide - _per_channel(mean, ndim, axis)
+        var = tf.reduce_mean(centered * centered, axis=reduce_axes)
+    else:
+        mean, var = tf.cast(running_mean, dtype), tf.cast(running_var, dtype)
+        centered = wide - _per_channel(mean, ndim, axis)
+    scale = tf.math.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * tf.cast(gamma, dtype)
+    y = centered * _per_channel(scale, ndim, axis)
+    if beta is not None:
+        y = y + _per_channel(tf.cast(beta, dtype), ndim, axis)
+    y = tf.cast(y, x.dtype)
+    if running_mean is None or not training:
+        return y, None, None
+    mean, var = tf.stop_gradient(mean), tf.stop_gradient(var)
+    count = tf.cast(tf.size(x) // tf.shape(x)[axis], dtype)
+    new_mean = conv.update_running(tf.cast(running_mean, dtype), mean, momentum)
+    new_var = conv.update_running(tf.cast(running_var, dtype),
+                                  conv.running_var_estimate(var, count), momentum)
+    return y, tf.cast(new_mean, running_mean.dtype), tf.cast(new_var, running_var.dtype)
