@@ -20,10 +20,8 @@ jax.config.update("jax_enable_x64", True)
 import bnref.jax as bj  # noqa: E402
 from bnref.conventions import DEFAULT, get_convention  # noqa: E402
 from bnref.testing.backends import Backend, Builtin, LayerBuiltin, LayerConfig  # noqa: E402
+from bnref.testing.strategies import SHAPE_POOL  # noqa: E402
 
-# Ranks 2-5; every axis of each is drawn as the channel axis, so C runs from 1 to 4 and the
-# values per channel from 1 to 48.
-SHAPES = ((6, 2), (16, 1), (2, 3, 4), (4, 1, 3), (2, 3, 2, 2), (1, 2, 3, 2, 2))
 _PARAMS = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
            "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var"),
            "num_batches_tracked": ("batch_stats", "num_batches_tracked")}
@@ -211,7 +209,7 @@ class JaxBackend(Backend):
     name = "jax"
     array_type = bj.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64")
-    shape_pool = SHAPES
+    shape_pool = SHAPE_POOL
     # Each new shape or flag combination costs JAX a compilation (~0.1 s forward, ~0.3 s
     # gradient); 40% of the examples keeps its share of CI near two minutes.
     example_scale = 0.4

@@ -190,6 +190,14 @@ KNOWN_BACKENDS: dict[str, BackendInfo] = {
                        builtins=("flax.linen.BatchNorm",),
                        layer_builtins=("flax.linen.BatchNorm", "flax.nnx.BatchNorm"),
                        gradient_builtins=("flax.linen.BatchNorm",), module="bnref.jax"),
+    "tf": BackendInfo("tf", "tensorflow", "bnref.testing._tf:TfBackend",
+                      builtins=("keras.layers.BatchNormalization", "tf.nn.batch_normalization",
+                                "tf.compat.v1.nn.fused_batch_norm"),
+                      layer_builtins=("keras.layers.BatchNormalization",),
+                      gradient_builtins=("keras.layers.BatchNormalization",
+                                         "tf.nn.batch_normalization",
+                                         "tf.compat.v1.nn.fused_batch_norm"),
+                      module="bnref.tf"),
 }
 
 _LOADED: dict[str, Backend] = {}

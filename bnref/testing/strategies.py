@@ -22,6 +22,7 @@ from bnref.testing.backends import LayerConfig
 from bnref.testing.tolerances import MAX_FINITE
 
 __all__ = [
+    "SHAPE_POOL",
     "BNCase",
     "LayerCase",
     "bn_cases",
@@ -33,6 +34,10 @@ __all__ = [
 ]
 
 ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# A small pool of shapes for backends that compile per shape (JAX, TensorFlow's XLA): ranks
+# 2-5, and every axis of each is drawn as the channel axis, so C runs from 1 to 4 and the
+# values per channel from 1 to 48.
+SHAPE_POOL = ((6, 2), (16, 1), (2, 3, 4), (4, 1, 3), (2, 3, 2, 2), (1, 2, 3, 2, 2))
 # Largest side per rank keeps every array small (at most a few hundred values).
 _MAX_SIDE = {2: 24, 3: 8, 4: 5, 5: 3}
 
@@ -239,10 +244,9 @@ def bn_cases(
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
-    rank = draw(st.integers(*ranks))
-    channel_axis, axis = draw(_axis(rank, convention, channel_axis))
-    channels = draw(st.integers(1, max_channels))
-    shape = draw(_shape(rank, channel_axis, channels, min_per_channel))
+    shape, channel_axis, axis = draw(_geometry(convention, ranks, max_channels, min_per_channel,
+                                               channel_axis, shapes))
+    channels = shape[channel_axis]
     zero = np.zeros(channels) if not offsets else None
     x, _, _ = draw(_values(shape, channel_axis, dtype, offsets=zero))
     pdtype = param_dtype(dtype)

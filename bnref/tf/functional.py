@@ -68,14 +68,20 @@ def batch_norm(
     until run time (``None`` in a traced graph) is fine; the torch convention's "more than one
     value per channel" check then cannot run before the data arrives and is skipped.
     """
+    for name, value in (("x", x), ("gamma", gamma), ("beta", beta),
+                        ("running_mean", running_mean), ("running_var", running_var)):
+        if isinstance(value, (tf.Tensor, tf.Variable)) and value.shape.rank is None:
+            raise ValueError(f"{name} must have a known rank, got a tensor of unknown rank "
+                             "(trace with shapes of one rank)")
     args = check_batch_norm_args(x, gamma, beta, running_mean, running_var, training=training,
                                  momentum=momentum, eps=eps, axis=axis, convention=convention,
                                  inspect=_inspect, array_type=ARRAY_TYPE)
     dtype = compute_dtype(x.dtype)
     # Tensors, not Python floats: a tf.function retraces for every new Python constant.
-    y, new_mean, new_var = _normalise(x, gamma, beta, running_mean, running_var, tf.constant(args.eps, dtype),
-                      tf.constant(args.momentum, dtype), training=training, axis=args.axis,
-                      convention=args.convention.name)
+    y, new_mean, new_var = _normalise(
+        x, gamma, beta, running_mean, running_var, tf.constant(args.eps, dtype),
+        tf.constant(args.momentum, dtype), training=training, axis=args.axis,
+        ndim=x.shape.rank, convention=args.convention.name)
     if running_mean is None or not training:
         return y, running_mean, running_var
     return y, new_mean, new_var
@@ -83,10 +89,11 @@ def batch_norm(
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _normalise(x, gamma, beta, running_mean, running_var, eps, momentum, *, training: bool,
-               axis: int, convention: str):
-    """The math, traced once per dtypes and flags and compiled by XLA once per shape."""
+               axis: int, ndim: int, convention: str):
+    """The math, traced once per dtypes, rank and flags (``reduce_retracing`` generalizes
+    the sizes of later shapes, never the static ``ndim``) and compiled by XLA once per
+    shape."""
     conv = get_convention(convention)
-    ndim = x.shape.rank
     reduce_axes = [i for i in range(ndim) if i != axis]
     dtype = compute_dtype(x.dtype)
     wide = tf.cast(x, dtype)

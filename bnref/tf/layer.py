@@ -1,4 +1,4 @@
-"""``bnref.tf.BatchNorm``: a Keras layer that is a drop-in for ``keras.layers.BatchNormalization``."""
+"""``bnref.tf.BatchNorm``: a Keras layer, drop-in for ``keras.layers.BatchNormalization``."""
 
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ class BatchNorm(keras.layers.Layer):
     ``convention=``: omitted ``axis``/``momentum``/``epsilon`` are the convention's defaults
     (keras: -1, 0.99, 1e-3). Weights are created as the built-in's -- ``gamma``, ``beta``,
     ``moving_mean``, ``moving_variance``, in that order -- so ``get_weights()`` and
-    ``set_weights()`` move between the two both ways. Two additions, which the built-in lacks:
-    ``momentum=None`` is PyTorch's cumulative average (it adds a last, non-trainable
-    ``num_batches_tracked`` weight), and ``track_running_stats=False`` keeps no moving
-    statistics and always uses the batch's. Not supported: ``renorm``, ``synchronized`` and
-    masks. float16/bfloat16 inputs (e.g. a ``mixed_float16`` policy) are normalized in float32
-    and returned in their own dtype; the weights keep the policy's variable dtype.
+    ``set_weights()`` move between the two both ways. Three additions, which the built-in
+    lacks: ``momentum=None`` is PyTorch's cumulative average (it adds a last, non-trainable
+    ``num_batches_tracked`` weight); ``track_running_stats=False`` keeps no moving statistics
+    and always uses the batch's; and an optional ``num_features`` (as in ``flax.nnx``) is
+    checked against the input's channels when the layer is built. Not supported: ``renorm``,
+    ``synchronized`` and masks. float16/bfloat16 inputs (e.g. a ``mixed_float16`` policy) are
+    normalized in float32 and returned in their own dtype; the weights keep the policy's
+    variable dtype.
     """
 
     def __init__(
@@ -52,12 +54,15 @@ class BatchNorm(keras.layers.Layer):
         beta_constraint: Any = None,
         gamma_constraint: Any = None,
         *,
+        num_features: int | None = None,
         track_running_stats: bool = True,
         convention: str | Convention = "keras",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        args = check_layer_args(1, momentum=momentum, eps=epsilon, convention=convention)
+        args = check_layer_args(1 if num_features is None else num_features, momentum=momentum,
+                                eps=epsilon, convention=convention)
+        self.num_features = num_features
         self.convention = args.convention
         self.momentum, self.epsilon = args.momentum, args.eps
         self.axis = self.convention.default_axis if axis is None else axis
@@ -86,6 +91,11 @@ class BatchNorm(keras.layers.Layer):
         if channels is None:
             raise ValueError(f"the channel axis {self.axis} of the input must have a known "
                              f"size, got input shape {tuple(input_shape)}")
+        check_layer_args(channels, momentum=self.momentum, eps=self.epsilon,
+                         convention=self.convention)
+        if self.num_features is not None and channels != self.num_features:
+            raise ValueError(f"x must have num_features={self.num_features} channels on axis "
+                             f"{self.axis}, got input shape {tuple(input_shape)}")
         shape = (channels,)
 
         def weight(name: str, initializer: Any, trainable: bool, **extra: Any) -> keras.Variable:
@@ -150,6 +160,7 @@ class BatchNorm(keras.layers.Layer):
                      "constraint": keras.constraints.serialize}
         config = {"axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
                   "center": self.center, "scale": self.scale,
+                  "num_features": self.num_features,
                   "track_running_stats": self.track_running_stats,
                   "convention": self.convention.name}
         for name in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
