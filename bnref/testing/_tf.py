@@ -39,35 +39,43 @@ def _wide(dtype: np.dtype) -> tf.DType:
 
 
 class KerasLayer:
-    """A Keras layer with BatchNormalization's weight names, built on its first batch."""
+    """A Keras layer with BatchNormalization's weight names, built on its first batch (inside
+    a ``keras.Sequential`` model when ``sequential``). State moves in and out through
+    ``get_weights()``/``set_weights()``, in the layer's own weight order."""
 
-    def __init__(self, layer: keras.layers.Layer) -> None:
+    def __init__(self, layer: keras.layers.Layer, sequential: bool = False) -> None:
         self.layer = layer
+        self.sequential = sequential
+        self.call = layer
         self.pending: Mapping[str, np.ndarray] | None = None
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         if not self.layer.built:
-            self.layer.build(x.shape)
+            if self.sequential:
+                self.call = keras.Sequential([keras.Input(x.shape[1:], dtype=x.dtype.name),
+                                              self.layer])
+            else:
+                self.layer.build(x.shape)
             if self.pending is not None:
                 self.load_state(self.pending)
-        return to_numpy(self.layer(to_tensor(x), training=training))
+        return to_numpy(self.call(to_tensor(x), training=training))
 
-    def _weights(self) -> dict[str, keras.Variable]:
-        by_name = {w.name: w for w in self.layer.weights}
-        return {name: by_name[key] for name, key in _NAMES.items() if key in by_name}
+    def _names(self) -> list[str]:
+        canonical = {key: name for name, key in _NAMES.items()}
+        return [canonical[w.name] for w in self.layer.weights]
 
     def state(self) -> dict[str, np.ndarray]:
         if not self.layer.built:
             return {}
-        return {name: to_numpy(w.value) for name, w in self._weights().items()}
+        return dict(zip(self._names(), self.layer.get_weights(), strict=True))
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         if not self.layer.built:
             self.pending = state
             return
-        for name, weight in self._weights().items():
-            if name in state:
-                weight.assign(np.asarray(state[name]).astype(weight.dtype))
+        current = self.state()
+        self.layer.set_weights([np.asarray(state.get(name, current[name]))
+                                .astype(current[name].dtype) for name in current])
 
 
 def _resolved(config: LayerConfig) -> dict:
@@ -77,10 +85,10 @@ def _resolved(config: LayerConfig) -> dict:
             "epsilon": conv.default_eps if config.eps is None else config.eps}
 
 
-def _builtin_layer(config: LayerConfig) -> KerasLayer:
+def builtin_layer(config: LayerConfig, sequential: bool = False) -> KerasLayer:
     return KerasLayer(keras.layers.BatchNormalization(
         **_resolved(config), center=config.affine, scale=config.affine,
-        dtype=config.param_dtype))
+        dtype=config.param_dtype), sequential)
 
 
 def _keras_functional(x, gamma, beta, running_mean, running_var, *, training, momentum, eps,
@@ -212,7 +220,7 @@ def _differentiated(eps, axis, convention, wide, ndim):
     return grads
 
 
-_KERAS_MOMENTUM = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
+KERAS_MOMENTUM = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
 
 
 class TfBackend(Backend):
@@ -241,14 +249,14 @@ class TfBackend(Backend):
         return (to_numpy(dx), None if gamma is None else to_numpy(dgamma),
                 None if beta is None else to_numpy(dbeta))
 
-    def make_layer(self, config: LayerConfig) -> KerasLayer:
+    def make_layer(self, config: LayerConfig, sequential: bool = False) -> KerasLayer:
         # autocast=False: float16 data stays float16 with float32 weights (as under a
         # mixed_float16 policy) instead of being cast to the weights' dtype.
         return KerasLayer(btf.BatchNorm(
             config.axis, config.momentum, config.eps, center=config.affine,
             scale=config.affine, num_features=config.num_features,
             track_running_stats=config.track_running_stats, convention=config.convention,
-            dtype=config.param_dtype, autocast=False))
+            dtype=config.param_dtype, autocast=False), sequential)
 
     def builtin(self, name: str) -> Builtin:
         keras_cases = {"conventions": ("keras",), "dtypes": ("float32", "float64")}
@@ -272,8 +280,8 @@ class TfBackend(Backend):
     def layer_builtin(self, name: str) -> LayerBuiltin:
         if name != "keras.layers.BatchNormalization":
             return super().layer_builtin(name)
-        return LayerBuiltin(name, _builtin_layer,
+        return LayerBuiltin(name, builtin_layer,
                             cases={"conventions": ("keras",), "track_running_stats": True,
                                    "dtypes": ("float32", "float64"),
-                                   "momentum": _KERAS_MOMENTUM},
+                                   "momentum": KERAS_MOMENTUM},
                             note="Keras keeps no batch counter: no momentum=None")

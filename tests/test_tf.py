@@ -1,0 +1,266 @@
+"""What only the TensorFlow backend promises: Keras's defaults, weights and training semantics,
+a layer inside Keras models (fit, save/load, mixed precision), the same results eagerly, in
+tf.function and under jit_compile, and the fused kernel's unbiased batch variance."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnref.conventions import CONVENTIONS
+from bnref.testing.checks import check_layer
+from bnref.testing.fixtures import backend_or_skip
+from bnref.testing.strategies import SHAPE_POOL, bn_cases, layer_cases
+from bnref.testing.suite import assert_all
+from bnref.testing.tolerances import ChannelStats, assert_close, forward_tolerance
+
+backend_or_skip("tf")  # skips this module without TensorFlow, fails it when tf is required
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import bnref.tf as btf  # noqa: E402
+from bnref.testing._tf import KERAS_MOMENTUM, LayerBuiltin, TfBackend, builtin_layer  # noqa: E402
+from tests.test_conventions import observe_one_step  # noqa: E402
+
+RECORD = CONVENTIONS["keras"]
+BACKEND = TfBackend()
+
+
+def examples(share: float = TfBackend.example_scale):
+    """The active profile's example budget, scaled like the shared suite's tf properties."""
+    return settings(max_examples=max(10, round(settings.default.max_examples * share)))
+
+
+def random_weights(layer: keras.layers.Layer, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.uniform(0.5, 2, w.shape) if "variance" in w.name else rng.normal(0, 1, w.shape))
+            .astype(w.dtype) for w in layer.weights]
+
+
+def test_keras_record_is_the_installed_defaults():
+    layer = keras.layers.BatchNormalization()
+    assert (layer.momentum, layer.epsilon, layer.axis) == (
+        RECORD.default_momentum, RECORD.default_eps, RECORD.default_axis)
+    layer.build((2, 3))
+    assert [w.name for w in layer.weights] == [RECORD.state_names[k] for k in (
+        "gamma", "beta", "running_mean", "running_var")]
+
+    def step(x, momentum):
+        bn = keras.layers.BatchNormalization(momentum=momentum)
+        bn(tf.constant(x), training=True)
+        return bn.moving_mean.numpy(), bn.moving_variance.numpy()
+
+    assert observe_one_step(step, 0.25) == {"momentum_weights": RECORD.momentum_weights,
+                                            "unbiased_running_var": RECORD.unbiased_running_var}
+    ours = btf.BatchNorm()
+    assert (ours.momentum, ours.epsilon, ours.axis) == (layer.momentum, layer.epsilon, layer.axis)
+
+
+@pytest.mark.parametrize("axis", [1, -1], ids=["axis1", "axis-1"])
+@examples()
+@given(data=st.data())
+def test_layer_in_a_sequential_model_matches_keras(axis, data):
+    """Both layers inside keras.Sequential, loaded with the same random weights through
+    set_weights, trained on the same batches, then run in inference."""
+    rank = data.draw(st.integers(2, 5), label="rank")
+    case = data.draw(layer_cases(conventions=("keras",), dtypes=("float32", "float64"),
+                                 momentum=KERAS_MOMENTUM, track_running_stats=True,
+                                 load_state=True, ranks=(rank, rank), channel_axis=axis % rank,
+                                 shapes=SHAPE_POOL), label="layer case")
+
+    class InSequential(TfBackend):
+        def make_layer(self, config, sequential=True):
+            return super().make_layer(config, sequential)
+
+    reference = LayerBuiltin("keras.layers.BatchNormalization in keras.Sequential",
+                             functools.partial(builtin_layer, sequential=True), cases={})
+    assert_all(check_layer(InSequential(), case, reference=reference), case)
+
+
+@pytest.mark.parametrize("axis", [1, -1], ids=["axis1", "axis-1"])
+def test_weights_move_between_keras_and_bnref_both_ways(axis):
+    x = tf.constant(np.random.default_rng(0).normal(3, 2, (8, 3, 4, 5)).astype(np.float32))
+    keras_bn, ours = keras.layers.BatchNormalization(axis=axis), btf.BatchNorm(axis=axis)
+    keras_bn.build(x.shape)
+    ours.build(x.shape)
+    assert [w.name for w in ours.weights] == [w.name for w in keras_bn.weights]
+    assert [w.trainable for w in ours.weights] == [w.trainable for w in keras_bn.weights]
+    keras_bn.set_weights(random_weights(keras_bn, 1))
+    ours.set_weights(keras_bn.get_weights())
+    assert_close(ours(x).numpy(), keras_bn(x).numpy(), 1e-5, "inference after Keras -> bnref")
+    for _ in range(3):
+        ours(x, training=True)
+    keras_bn.set_weights(ours.get_weights())
+    assert_close(keras_bn(x).numpy(), ours(x).numpy(), 1e-5, "inference after bnref -> Keras")
+
+
+def test_fused_batch_norm_returns_the_unbiased_batch_variance():
+    """tf.compat.v1.nn.fused_batch_norm in training normalizes with the biased variance but
+    returns the unbiased one (n / (n - 1) times it), for the caller's running average: the
+    torch convention, not Keras's."""
+    x = np.random.default_rng(2).normal(1, 2, (3, 2, 2, 4)).astype(np.float32)
+    n = x.size // 4
+    y, mean, var = tf.compat.v1.nn.fused_batch_norm(tf.constant(x), tf.ones(4), tf.zeros(4),
+                                                    epsilon=1e-3, is_training=True)[:3]
+    biased = x.astype(np.float64).var(axis=(0, 1, 2))
+    assert_close(var.numpy(), biased * n / (n - 1), 1e-5 * biased.max(), "returned variance")
+    ours, _, _ = btf.batch_norm(tf.constant(x), None, None, None, None, training=True, eps=1e-3,
+                                axis=-1)
+    assert_close(y.numpy(), ours.numpy(), 1e-5, "output uses the biased variance")
+    assert_close(mean.numpy(), x.astype(np.float64).mean(axis=(0, 1, 2)), 1e-5, "mean")
+
+
+@functools.cache
+def _compiled(mode, training, momentum, eps, axis, convention):
+    def run(x, gamma, beta, mean, var):
+        return btf.batch_norm(x, gamma, beta, mean, var, training=training, momentum=momentum,
+                              eps=eps, axis=axis, convention=convention)
+
+    if mode == "eager":
+        return run
+    return tf.function(run, jit_compile=mode == "jit_compile", autograph=False,
+                       reduce_retracing=True)
+
+
+@pytest.mark.parametrize("mode", ["tf.function", "jit_compile"])
+@examples()
+@given(data=st.data())
+def test_eager_tf_function_and_jit_compile_agree(mode, data):
+    # A few constants: each new Python value is a new trace of the outer function.
+    case = data.draw(bn_cases(dtypes=BACKEND.dtypes, shapes=SHAPE_POOL,
+                              eps=st.sampled_from([None, 1e-3]),
+                              momentum=st.sampled_from([0.1, 0.9])), label="case")
+    key = (case.training, case.momentum, case.eps, case.axis, case.convention)
+    arrays = [None if a is None else tf.constant(a) for a in case.arrays]
+    eager = _compiled("eager", *key)(*arrays)
+    traced = _compiled(mode, *key)(*arrays)
+    stats = ChannelStats.of(case.x, case.channel_axis)
+    batch = case.training or case.running_mean is None
+    tol = 2 * forward_tolerance(case.x, case.channel_axis, gamma=case.gamma, beta=case.beta,
+                                eps=case.resolved_eps,
+                                mean=stats.mean if batch else case.running_mean,
+                                var=stats.var if batch else case.running_var,
+                                batch_stats=batch)
+    assert traced[0].dtype == eager[0].dtype
+    assert_close(traced[0].numpy().astype(np.float64), eager[0].numpy().astype(np.float64),
+                 tol, f"y, {mode} vs eager")
+    for got, want, name in zip(traced[1:], eager[1:], ("running_mean", "running_var"),
+                               strict=True):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            scale = np.abs(want.numpy()).max() + 1
+            assert_close(got.numpy(), want.numpy(), 1e-5 * scale, f"{name}, {mode} vs eager")
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function", "jit_compile"])
+def test_gradient_tape_works_in_every_mode(mode):
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(1, 2, (6, 3)))
+    gamma, beta = tf.Variable(rng.normal(size=3)), tf.Variable(rng.normal(size=3))
+    dy = tf.constant(rng.normal(size=(6, 3)))
+    run = _compiled(mode, True, 0.1, 1e-5, 1, "torch")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = run(x, gamma, beta, None, None)[0]
+    dx, dgamma, dbeta = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+    from bnref.numpy import batch_norm_backward
+
+    ref = batch_norm_backward(dy.numpy(), x.numpy(), gamma.numpy(), beta=beta.numpy(), eps=1e-5,
+                              axis=1)
+    for got, want, name in zip((dx, dgamma, dbeta), ref, ("dx", "dgamma", "dbeta"), strict=True):
+        assert_close(got.numpy(), want, 1e-10, name)
+
+
+def test_training_semantics_are_keras():
+    """Statistics move only on training=True; trainable=False means inference even then."""
+    x = tf.constant(np.random.default_rng(4).normal(5, 3, (16, 3)).astype(np.float32))
+    for layer in (keras.layers.BatchNormalization(), btf.BatchNorm()):
+        layer.build(x.shape)
+        untouched = [w.copy() for w in layer.get_weights()]
+        y_default, y_false = layer(x), layer(x, training=False)
+        np.testing.assert_array_equal(y_default.numpy(), y_false.numpy())
+        assert all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), untouched,
+                                                        strict=True)), type(layer)
+        layer.trainable = False
+        y_frozen = layer(x, training=True)
+        np.testing.assert_array_equal(y_frozen.numpy(), y_false.numpy())
+        assert all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), untouched,
+                                                        strict=True)), type(layer)
+        layer.trainable = True
+        layer(x, training=True)
+        assert not np.array_equal(layer.get_weights()[2], untouched[2]), type(layer)
+
+
+def test_fit_trains_like_keras_with_the_same_weights():
+    """model.fit (a traced graph whose batch dimension becomes None after the first retrace)
+    moves gamma, beta and the moving statistics as Keras's own layer does."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(2, 3, (37, 4, 3)).astype(np.float32)  # batches of 8, then a batch of 5
+    target = rng.normal(size=(37, 4, 3)).astype(np.float32)
+    models = []
+    for layer in (keras.layers.BatchNormalization(momentum=0.8),
+                  btf.BatchNorm(momentum=0.8)):
+        model = keras.Sequential([keras.Input((4, 3)), layer])
+        model.set_weights(random_weights(model.layers[0], 6))
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.fit(x, target, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    for theirs, ours, weight in zip(models[0].get_weights(), models[1].get_weights(),
+                                    models[0].layers[0].weights, strict=True):
+        assert_close(ours, theirs, 1e-4 * (1 + np.abs(theirs).max()), weight.name)
+
+
+OPTIONS = {"center": False, "epsilon": 0.1, "gamma_initializer": "he_normal",
+           "beta_regularizer": "l2", "gamma_constraint": "non_neg"}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None, "convention": "torch", "axis": 1},
+                                    OPTIONS], ids=["defaults", "torch-cumulative", "options"])
+def test_config_and_keras_file_round_trip(kwargs, tmp_path):
+    layer = btf.BatchNorm(**kwargs)
+    again = btf.BatchNorm.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
+    x = np.random.default_rng(7).normal(1, 2, (10, 3)).astype(np.float32)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model(x, training=True)  # moves the statistics away from their initial values
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")  # no custom_objects needed
+    assert type(loaded.layers[0]) is btf.BatchNorm
+    assert loaded.layers[0].get_config() == layer.get_config()
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_mixed_float16_policy_keeps_float32_weights_and_float16_outputs():
+    x = tf.constant(np.random.default_rng(8).normal(100, 4, (32, 4)).astype(np.float16))
+    ours = btf.BatchNorm(dtype="mixed_float16")
+    theirs = keras.layers.BatchNormalization(dtype="mixed_float16")
+    y, y_ref = ours(x, training=True), theirs(x, training=True)
+    assert y.dtype == tf.float16 and ours.moving_mean.dtype == "float32"
+    assert_close(y.numpy().astype(np.float64), y_ref.numpy().astype(np.float64), 4e-3, "y")
+    for a, b in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        assert_close(a, b, 1e-5 * (1 + np.abs(b).max()), "weights")
+
+
+def test_unknown_batch_dimension_and_unknown_rank():
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def train(x):
+        return btf.batch_norm(x, None, None, tf.zeros(3), tf.ones(3), training=True,
+                              convention="torch")
+
+    x = np.random.default_rng(9).normal(size=(5, 3)).astype(np.float32)
+    _, _, var = train(tf.constant(x))
+    assert_close(var.numpy(), 0.9 + 0.1 * x.astype(np.float64).var(axis=0, ddof=1), 1e-6,
+                 "unbiased running variance with a batch size known only at run time")
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
+    def any_rank(x):
+        return btf.batch_norm(x, None, None, None, None, training=True)
+
+    with pytest.raises(ValueError, match="x must have a known rank"):
+        any_rank.get_concrete_function()
