@@ -37,12 +37,6 @@ def compute_dtype(dtype: tf.DType) -> tf.DType:
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
-def _per_channel(vector: tf.Tensor, ndim: int, axis: int) -> tf.Tensor:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return tf.reshape(vector, shape)
-
-
 def batch_norm(
     x: tf.Tensor,
     gamma: tf.Tensor | None,
@@ -92,29 +86,37 @@ def _normalise(x, gamma, beta, running_mean, running_var, eps, momentum, *, trai
                axis: int, ndim: int, convention: str):
     """The math, traced once per dtypes, rank and flags (``reduce_retracing`` generalizes
     the sizes of later shapes, never the static ``ndim``) and compiled by XLA once per
-    shape."""
+    shape.
+
+    ``x`` is viewed as ``(before, C, after)``, the channel axis in the middle: XLA's CPU
+    reductions over several leading axes of a channels-last array run ~3x slower than over
+    the first axis of its 2-D view (measured: (64, 56, 56, 64) forward 50 ms vs 16 ms).
+    """
     conv = get_convention(convention)
-    reduce_axes = [i for i in range(ndim) if i != axis]
+    del ndim  # part of the trace key only
+    shape = tf.shape(x)
+    view = tf.stack([tf.reduce_prod(shape[:axis]), shape[axis],
+                     tf.reduce_prod(shape[axis + 1:])])
     dtype = compute_dtype(x.dtype)
-    wide = tf.cast(x, dtype)
+    wide = tf.reshape(tf.cast(x, dtype), view)
     if training or running_mean is None:
-        mean = tf.reduce_mean(wide, axis=reduce_axes)
-        centered = wide - _per_channel(mean, ndim, axis)
-        var = tf.reduce_mean(centered * centered, axis=reduce_axes)
+        mean = tf.reduce_mean(wide, axis=[0, 2])
+        centered = wide - mean[:, None]
+        var = tf.reduce_mean(centered * centered, axis=[0, 2])
     else:
         mean, var = tf.cast(running_mean, dtype), tf.cast(running_var, dtype)
-        centered = wide - _per_channel(mean, ndim, axis)
+        centered = wide - mean[:, None]
     scale = tf.math.rsqrt(var + eps)
     if gamma is not None:
         scale = scale * tf.cast(gamma, dtype)
-    y = centered * _per_channel(scale, ndim, axis)
+    y = centered * scale[:, None]
     if beta is not None:
-        y = y + _per_channel(tf.cast(beta, dtype), ndim, axis)
-    y = tf.cast(y, x.dtype)
+        y = y + tf.cast(beta, dtype)[:, None]
+    y = tf.cast(tf.reshape(y, shape), x.dtype)
     if running_mean is None or not training:
         return y, None, None
     mean, var = tf.stop_gradient(mean), tf.stop_gradient(var)
-    count = tf.cast(tf.size(x) // tf.shape(x)[axis], dtype)
+    count = tf.cast(tf.size(x) // shape[axis], dtype)
     new_mean = conv.update_running(tf.cast(running_mean, dtype), mean, momentum)
     new_var = conv.update_running(tf.cast(running_var, dtype),
                                   conv.running_var_estimate(var, count), momentum)
