@@ -89,7 +89,7 @@ def main() -> None:
         our_fns = layer_functions(btf.BatchNorm(), x)
         fused_fns = fused_functions(x)
         for index, kind in enumerate(("forward", "forward+backward")):
-            def timed(fns, index=index):
+            def timed(fns, index=index, x=x, dy=dy):
                 fn = fns[index]
                 return (lambda: fn(x)) if index == 0 else (lambda: fn(x, dy))
 

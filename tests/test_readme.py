@@ -75,8 +75,10 @@ def test_every_other_python_snippet_runs():
     assert len(blocks) >= 3
     from bnref.testing.fixtures import backend_or_skip
 
-    for backend in ("torch", "jax"):  # the snippets' frameworks must be there (or skip)
-        if any(f"import {backend}" in b for b in blocks):
+    # the snippets' frameworks must be there (or skip)
+    for backend, statement in (("torch", "import torch"), ("jax", "import jax"),
+                               ("tf", "import tensorflow")):
+        if any(statement in b for b in blocks):
             backend_or_skip(backend)
     for number, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {number}", "exec"), {})
