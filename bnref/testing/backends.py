@@ -198,6 +198,10 @@ KNOWN_BACKENDS: dict[str, BackendInfo] = {
                                          "tf.nn.batch_normalization",
                                          "tf.compat.v1.nn.fused_batch_norm"),
                       module="bnref.tf"),
+    "mxnet": BackendInfo("mxnet", "mxnet", "bnref.testing._mxnet:MxnetBackend",
+                         builtins=("mxnet.nd.BatchNorm",),
+                         layer_builtins=("mxnet.gluon.nn.BatchNorm",),
+                         gradient_builtins=("mxnet.nd.BatchNorm",), module="bnref.mxnet"),
 }
 
 _LOADED: dict[str, Backend] = {}
