@@ -77,7 +77,7 @@ def test_every_other_python_snippet_runs():
 
     # the snippets' frameworks must be there (or skip)
     for backend, statement in (("torch", "import torch"), ("jax", "import jax"),
-                               ("tf", "import tensorflow")):
+                               ("tf", "import tensorflow"), ("mxnet", "import bnref.mxnet")):
         if any(statement in b for b in blocks):
             backend_or_skip(backend)
     for number, block in enumerate(blocks):
