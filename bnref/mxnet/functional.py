@@ -5,21 +5,24 @@ the ``n = before * after`` values::
 
     mean = sum(x) / n
     var  = sum((x - mean)²) / n                (biased, two-pass)
-    y    = x * scale + (beta - mean * scale)   scale = gamma / sqrt(var + eps)
+    y    = (x - mean) * scale + beta           scale = gamma / sqrt(var + eps)
     running <- convention.update_running(running, batch statistic)
 
-Each sum is two BLAS matrix-vector products with vectors of ones (over ``after``, then over
-``before``): MXNet's own reductions over several axes at once are many times slower than
-memory speed. Inference uses the running statistics. float16 is computed in
+MXNet's reductions and broadcasts run far below memory speed, so each sum is two BLAS
+matrix-vector products with vectors of ones (over ``after``, then ``before``) and each
+per-channel multiply-add a depthwise 1x1 convolution where that is fast (see :func:`affine`).
+In training under ``autograd.record()`` the backward is analytic (:func:`train_backward`).
+Inference uses the running statistics. float16 is computed in
 float32, float64 in float64. Under ``autograd.record()`` MXNet differentiates these operations.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from mxnet import nd
+from mxnet import autograd, nd
 
 from bnref._checks import check_batch_norm_args
 from bnref.conventions import DEFAULT, Convention
@@ -56,40 +59,92 @@ def to_view(F, x, axis: int):
     return F.reshape(x, shape=(-1, 0, 0), reverse=True)
 
 
-def channel_sums(F, x3):
+def channel_sums(x3: nd.NDArray) -> nd.NDArray:
     """Per-channel sums of a ``(before, C, after)`` view, as two matrix-vector products with
-    vectors of ones: MXNet's ``sum`` over an axis runs at a fraction of memory speed, BLAS at
-    full speed. Built from ``x3`` itself, so it works on symbols of unknown shape."""
-    ones_after = F.reshape(F.ones_like(F.slice_axis(F.slice_axis(x3, axis=0, begin=0, end=1),
-                                                    axis=1, begin=0, end=1)), shape=(-1, 1))
-    ones_before = F.reshape(F.ones_like(F.slice_axis(F.slice_axis(x3, axis=1, begin=0, end=1),
-                                                     axis=2, begin=0, end=1)), shape=(1, -1))
-    rows = F.dot(F.reshape(x3, shape=(-3, 0)), ones_after)  # (before * C, 1)
-    per_before = F.reshape_like(rows, F.slice_axis(x3, axis=2, begin=0, end=1))
-    return F.reshape(F.dot(ones_before, per_before), shape=(-1,))
+    vectors of ones: MXNet's ``sum`` over axes runs at a fraction of memory speed, BLAS at full
+    speed (and sums in blocks)."""
+    before, channels, after = x3.shape
+    ones_after = nd.ones((after, 1), dtype=x3.dtype)
+    rows = nd.dot(x3.reshape((before * channels, after)), ones_after)
+    return nd.dot(nd.ones((1, before), dtype=x3.dtype),
+                  rows.reshape((before, channels))).reshape((channels,))
 
 
-def moments(F, x3, count):
-    """Per-channel ``(mean, biased var)`` of a ``(before, C, after)`` view, two-pass.
-    ``count`` (values per channel) is a number, or a ``(1,)`` array in a graph."""
-    def per_value(total):
-        return total / count if isinstance(count, (int, float)) else F.broadcast_div(total, count)
+def affine(x3: nd.NDArray, scale: nd.NDArray, shift: nd.NDArray | None) -> nd.NDArray:
+    """``x3 * scale + shift`` per channel in one pass where it can be: a depthwise 1x1
+    convolution (oneDNN) for float32 views with a long ``after`` axis, where MXNet's broadcast
+    multiply and add take ~3x a memory pass each; broadcasting otherwise (the convolution is
+    very slow with ``after`` = 1, and oneDNN has no float64)."""
+    _, channels, after = x3.shape
+    if x3.dtype == np.float32 and after >= 64:
+        return nd.Convolution(x3, scale.reshape((channels, 1, 1)), shift, kernel=(1,),
+                              num_filter=channels, num_group=channels, no_bias=shift is None)
+    y = nd.broadcast_mul(x3, scale.reshape((1, -1, 1)))
+    return y if shift is None else nd.broadcast_add(y, shift.reshape((1, -1, 1)))
 
-    mean = per_value(channel_sums(F, x3))
-    centered = F.broadcast_sub(x3, F.reshape(mean, shape=(1, -1, 1)))
-    return mean, per_value(channel_sums(F, F.square(centered)))
+
+@dataclass
+class Saved:
+    """What the analytic backward needs from a training forward."""
+
+    centered: nd.NDArray  # x - mean, on the (before, C, after) view
+    rstd: nd.NDArray  # 1 / sqrt(var + eps)
+    scale: nd.NDArray  # gamma * rstd (rstd without gamma)
 
 
-def normalise(F, x3, mean, var, gamma, beta, eps: float):
-    """``(x - mean) * gamma / sqrt(var + eps) + beta`` on the ``(before, C, after)`` view as one
-    per-channel multiply-add, ``x * scale + (beta - mean * scale)``; ``F`` is ``mx.nd`` or
-    ``mx.sym`` (the layer's hybridized graph)."""
-    scale = F.rsqrt(var + eps)
-    if gamma is not None:
-        scale = scale * gamma
+def train_forward(x3, gamma, beta, eps: float):
+    """``(y, mean, biased var, saved)`` with the batch statistics, two-pass."""
+    count = x3.shape[0] * x3.shape[2]
+    mean = channel_sums(x3) / count
+    centered = affine(x3, nd.ones_like(mean), -mean)
+    var = channel_sums(nd.square(centered)) / count
+    rstd = nd.rsqrt(var + eps)
+    scale = rstd if gamma is None else rstd * gamma
+    return affine(centered, scale, beta), mean, var, Saved(centered, rstd, scale)
+
+
+def train_backward(dy3, saved: Saved):
+    """``(dx, dgamma, dbeta)`` of a training forward, analytically::
+
+        dbeta  = sum(dy)            dgamma = sum(dy * x_hat)      x_hat = (x - mean) * rstd
+        dx     = scale * (dy - dbeta / n - x_hat * dgamma / n)
+    """
+    count = dy3.shape[0] * dy3.shape[2]
+    dbeta = channel_sums(dy3)
+    dgamma = channel_sums(dy3 * saved.centered) * saved.rstd
+    dx = affine(dy3, saved.scale, -saved.scale * dbeta / count)
+    dx = dx + affine(saved.centered, -saved.scale * saved.rstd * dgamma / count, None)
+    return dx, dgamma, dbeta
+
+
+def inference_forward(x3, gamma, beta, mean, var, eps: float):
+    """``(y, rstd)``: ``(x - mean) * gamma * rstd + beta`` as one per-channel multiply-add."""
+    rstd = nd.rsqrt(var + eps)
+    scale = rstd if gamma is None else rstd * gamma
     shift = -mean * scale if beta is None else beta - mean * scale
-    y = F.broadcast_mul(x3, F.reshape(scale, shape=(1, -1, 1)))
-    return F.broadcast_add(y, F.reshape(shift, shape=(1, -1, 1)))
+    return affine(x3, scale, shift), rstd
+
+
+class _Normalise(autograd.Function):
+    """Training-mode normalisation with the analytic backward (MXNet's autograd of the
+    forward's operations would take ~10 passes over x, with its slow broadcast reductions)."""
+
+    def __init__(self, eps: float, has_gamma: bool, has_beta: bool) -> None:
+        super().__init__()
+        self.eps, self.has_gamma, self.has_beta = eps, has_gamma, has_beta
+
+    def forward(self, x3, *affine_params):
+        # Only the parameters given are inputs: MXNet misroutes gradients to inputs created
+        # inside the recording (a ones vector standing in for gamma lost beta's gradient).
+        params = iter(affine_params)
+        gamma = next(params) if self.has_gamma else None
+        beta = next(params) if self.has_beta else None
+        y, self.mean, self.var, self.saved = train_forward(x3, gamma, beta, self.eps)
+        return y
+
+    def backward(self, dy3):
+        dx, dgamma, dbeta = train_backward(dy3, self.saved)
+        return (dx, *([dgamma] if self.has_gamma else []), *([dbeta] if self.has_beta else []))
 
 
 def batch_norm(
@@ -126,10 +181,15 @@ def batch_norm(
         return None if v is None else v.astype(dtype, copy=False)
 
     if training or running_mean is None:
-        mean, var = moments(nd, x3, args.count)
+        if autograd.is_recording():
+            function = _Normalise(args.eps, gamma is not None, beta is not None)
+            y = function(x3, *(wide(p) for p in (gamma, beta) if p is not None))
+            mean, var = function.mean, function.var
+        else:
+            y, mean, var, _ = train_forward(x3, wide(gamma), wide(beta), args.eps)
     else:
-        mean, var = wide(running_mean), wide(running_var)
-    y = normalise(nd, x3, mean, var, wide(gamma), wide(beta), args.eps)
+        y, _ = inference_forward(x3, wide(gamma), wide(beta), wide(running_mean),
+                                 wide(running_var), args.eps)
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
     if running_mean is None or not training:
         return y, running_mean, running_var

@@ -1,13 +1,13 @@
 """``bnref.mxnet.BatchNorm``: a Gluon ``HybridBlock``, drop-in for ``mxnet.gluon.nn.BatchNorm``.
 
 A hybridized graph is traced once and must pick batch or running statistics at run time, and
-update the running statistics in place, which graph operations cannot do. One small custom
-operator does both (``_BatchStatistics``): given the ``(before, C, after)`` view of ``x`` and
-the running statistics as auxiliary states -- the way MXNet's own BatchNorm operator holds them
--- it returns the batch ``(mean, var)`` and moves the running statistics when MXNet says it is
-training (``is_train``: inside ``autograd.record()``), and returns the running statistics
-otherwise. Its backward is the analytic gradient of the mean and variance. The normalisation
-around it is ordinary graph operations, shared with :func:`bnref.mxnet.batch_norm`.
+update the running statistics in place, which graph operations cannot do. So the math runs in
+one custom operator (``_BatchNormOp``) over the ``(before, C, after)`` view of ``x``, with the
+running statistics as auxiliary states -- the way MXNet's own BatchNorm operator holds them. It
+uses the batch statistics and moves the running ones when MXNet says it is training
+(``is_train``: inside ``autograd.record()``), and the running statistics otherwise. Its forward
+and analytic backward are the functions of :mod:`bnref.mxnet.functional`, written in
+``mx.nd`` operations and shared with :func:`bnref.mxnet.batch_norm`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ from bnref._checks import check_batch_norm_args, check_bool, check_layer_args
 from bnref.conventions import DEFAULT, Convention, get_convention
 from bnref.mxnet.functional import (
     ARRAY_TYPE,
+    Saved,
     _inspect,
+    affine,
     channel_sums,
-    moments,
-    normalise,
+    inference_forward,
     to_view,
+    train_backward,
+    train_forward,
 )
 
 __all__ = ["BatchNorm"]
@@ -43,75 +46,92 @@ def _drain_before_mxnet_shuts_down() -> None:
     nd.waitall()
 
 
-class _BatchStatistics(mx.operator.CustomOp):
-    """Training: pass the batch ``(mean, var)`` through and move the running statistics (the
-    auxiliary states). Otherwise: return the running statistics, which are constants."""
+class _BatchNormOp(mx.operator.CustomOp):
+    """The layer's math on the ``(before, C, after)`` view. Training (``is_train``, not
+    ``use_global_stats``): batch statistics, and the running statistics (auxiliary states)
+    move. Otherwise: the running statistics. Backward is analytic in both modes."""
 
-    def __init__(self, convention: str, momentum: float | None, use_batch: bool) -> None:
+    def __init__(self, prop: _BatchNormProp) -> None:
         super().__init__()
-        self.convention = get_convention(convention)
-        self.momentum, self.use_batch = momentum, use_batch
-        self.batch = False
+        self.prop = prop
+        self.saved: Saved | None = None
+        self.inference: tuple[nd.NDArray, nd.NDArray] | None = None
 
     def forward(self, is_train, req, in_data, out_data, aux) -> None:
-        self.batch = bool(is_train) and self.use_batch
-        if not self.batch:
-            self.assign(out_data[0], req[0], aux[0])
-            self.assign(out_data[1], req[1], aux[1])
+        p = self.prop
+        x3, gamma, beta = in_data
+        gamma, beta = (gamma if p.use_gamma else None), (beta if p.use_beta else None)
+        if aux and not (is_train and p.use_batch):
+            y, rstd = inference_forward(x3, gamma, beta, aux[0], aux[1], p.eps)
+            self.saved, self.inference = None, (aux[0].copy(), rstd)
+            self.assign(out_data[0], req[0], y)
             return
-        mean, var, count = in_data
-        conv = self.convention
-        estimate = conv.running_var_estimate(var, float(count.asscalar()))
-        if self.momentum is None:  # PyTorch's cumulative average: the k-th batch weighs 1/k
-            aux[2][:] = aux[2] + 1
-            weight = 1.0 / aux[2]
-            aux[0][:] = nd.broadcast_add(nd.broadcast_mul(1.0 - weight, aux[0]),
-                                         nd.broadcast_mul(weight, mean))
-            aux[1][:] = nd.broadcast_add(nd.broadcast_mul(1.0 - weight, aux[1]),
-                                         nd.broadcast_mul(weight, estimate))
-        else:
-            # As an array: MXNet refuses subnormal scalars as operator parameters.
-            momentum = nd.array([self.momentum], dtype=mean.dtype)
-            aux[0][:] = conv.update_running(aux[0], mean, momentum)
-            aux[1][:] = conv.update_running(aux[1], estimate, momentum)
-        self.assign(out_data[0], req[0], mean)
-        self.assign(out_data[1], req[1], var)
+        y, mean, var, self.saved = train_forward(x3, gamma, beta, p.eps)
+        if aux and is_train:
+            conv = p.conv
+            estimate = conv.running_var_estimate(var, x3.shape[0] * x3.shape[2])
+            if p.momentum is None:  # PyTorch's cumulative average: the k-th batch weighs 1/k
+                aux[2][:] = aux[2] + 1
+                weight = 1.0 / aux[2]
+                aux[0][:] = nd.broadcast_add(nd.broadcast_mul(1.0 - weight, aux[0]),
+                                             nd.broadcast_mul(weight, mean))
+                aux[1][:] = nd.broadcast_add(nd.broadcast_mul(1.0 - weight, aux[1]),
+                                             nd.broadcast_mul(weight, estimate))
+            else:
+                # As an array: MXNet refuses subnormal scalars as operator parameters.
+                momentum = nd.array([p.momentum], dtype=mean.dtype)
+                aux[0][:] = conv.update_running(aux[0], mean, momentum)
+                aux[1][:] = conv.update_running(aux[1], estimate, momentum)
+        self.assign(out_data[0], req[0], y)
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux) -> None:
-        for i, data in enumerate(in_data):
-            self.assign(in_grad[i], req[i],
-                        out_grad[i] if self.batch and i < 2 else nd.zeros_like(data))
+        dy3 = out_grad[0]
+        if self.saved is not None:
+            dx, dgamma, dbeta = train_backward(dy3, self.saved)
+        else:  # inference: y = (x - mean) * gamma * rstd + beta, statistics constant
+            mean, rstd = self.inference
+            gamma = in_data[1] if self.prop.use_gamma else nd.ones_like(rstd)
+            dbeta = channel_sums(dy3)
+            centered = affine(in_data[0], nd.ones_like(mean), -mean)
+            dgamma = channel_sums(dy3 * centered) * rstd
+            dx = affine(dy3, gamma * rstd, None)
+        self.assign(in_grad[0], req[0], dx)
+        self.assign(in_grad[1], req[1], dgamma)
+        self.assign(in_grad[2], req[2], dbeta)
 
 
 @mx.operator.register(_OP)
-class _BatchStatisticsProp(mx.operator.CustomOpProp):
-    def __init__(self, convention: str, momentum: str, use_batch: str, counter: str) -> None:
+class _BatchNormProp(mx.operator.CustomOpProp):
+    def __init__(self, convention: str, momentum: str, eps: str, use_batch: str,
+                 use_gamma: str, use_beta: str, aux: str) -> None:
         super().__init__(need_top_grad=True)
-        self.convention = convention
+        self.conv = get_convention(convention)
         self.momentum = None if momentum == "None" else float(momentum)
-        self.use_batch = use_batch == "True"
-        self.counter = counter == "True"
+        self.eps = float(eps)
+        self.use_batch, self.use_gamma = use_batch == "True", use_gamma == "True"
+        self.use_beta = use_beta == "True"
+        self.aux = int(aux)  # 0: no running statistics; 2; 3: with the batch counter
 
     def list_arguments(self) -> list[str]:
-        return ["mean", "var", "count"]
+        return ["data", "gamma", "beta"]
 
     def list_outputs(self) -> list[str]:
-        return ["mean", "var"]
+        return ["output"]
 
     def list_auxiliary_states(self) -> list[str]:
-        return ["running_mean", "running_var"] + (["num_batches_tracked"] if self.counter else [])
+        return ["running_mean", "running_var", "num_batches_tracked"][:self.aux]
 
     def infer_shape(self, in_shape):
-        channels = in_shape[0]
-        aux = [channels, channels] + ([[1]] if self.counter else [])
-        return in_shape, [channels, channels], aux
+        channels = [in_shape[0][1]]
+        aux = [channels, channels, [1]][:self.aux]
+        return [in_shape[0], channels, channels], [in_shape[0]], aux
 
     def infer_type(self, in_type):
         dtype = in_type[0]
-        return in_type, [dtype, dtype], [dtype] * (3 if self.counter else 2)
+        return [dtype] * 3, [dtype], [dtype] * self.aux
 
     def create_operator(self, ctx, shapes, dtypes):
-        return _BatchStatistics(self.convention, self.momentum, self.use_batch)
+        return _BatchNormOp(self)
 
 
 class BatchNorm(gluon.HybridBlock):
@@ -222,18 +242,10 @@ class BatchNorm(gluon.HybridBlock):
                        num_batches_tracked=None):
         dtype = "float64" if self._data_dtype == "float64" else "float32"
         x3 = to_view(F, x if dtype == self._data_dtype else F.cast(x, dtype), self.axis)
-        # Values per channel, in the computation's dtype, from the graph itself.
-        count = channel_sums(F, F.ones_like(F.slice_axis(x3, axis=1, begin=0, end=1)))
-        mean, var = moments(F, x3, count)
-        if running_mean is not None:
-            aux = [running_mean, running_var] + (
-                [num_batches_tracked] if num_batches_tracked is not None else [])
-            stats = F.Custom(mean, var, count, *aux, op_type=_OP,
-                             convention=self.convention.name, momentum=str(self.momentum),
-                             use_batch=str(not self.use_global_stats),
-                             counter=str(num_batches_tracked is not None))
-            mean, var = stats[0], stats[1]
-        y = normalise(F, x3, mean, var, gamma if self.scale else None,
-                      beta if self.center else None, self.epsilon)
-        y = F.reshape_like(y, x)
+        aux = [a for a in (running_mean, running_var, num_batches_tracked) if a is not None]
+        y3 = F.Custom(x3, gamma, beta, *aux, op_type=_OP, convention=self.convention.name,
+                      momentum=str(self.momentum), eps=repr(self.epsilon),
+                      use_batch=str(not self.use_global_stats), use_gamma=str(self.scale),
+                      use_beta=str(self.center), aux=str(len(aux)))
+        y = F.reshape_like(y3, x)
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
