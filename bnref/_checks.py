@@ -194,17 +194,26 @@ class LayerArgs:
     convention: Convention
     momentum: float | None  # None: cumulative average
     eps: float
+    axis: int  # as given (may be negative), or the convention's default
 
 
 def check_layer_args(
-    num_features: Any, *, momentum: Any, eps: Any, convention: Any
+    num_features: Any, *, momentum: Any, eps: Any, convention: Any, axis: Any = None,
+    features_optional: bool = False,
 ) -> LayerArgs:
-    """Validate a layer constructor's arguments; an omitted momentum is the convention's."""
-    if _is_bool(num_features) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+    """Validate a layer constructor's arguments; an omitted momentum, eps or axis is the
+    convention's. With ``features_optional``, ``num_features=None`` means "taken from the first
+    input" (Keras, Gluon, Flax layers)."""
+    if not (features_optional and num_features is None) and (
+            _is_bool(num_features) or not isinstance(num_features, numbers.Integral)
+            or num_features < 1):
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
     conv = get_convention(convention)
     resolved_momentum = (
         conv.default_momentum if momentum is DEFAULT else check_momentum(momentum, allow_none=True)
     )
     resolved_eps = conv.default_eps if eps is None else check_eps(eps)
-    return LayerArgs(conv, resolved_momentum, resolved_eps)
+    if axis is not None and (_is_bool(axis) or not isinstance(axis, numbers.Integral)):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    resolved_axis = conv.default_axis if axis is None else int(axis)
+    return LayerArgs(conv, resolved_momentum, resolved_eps, resolved_axis)

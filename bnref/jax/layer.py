@@ -45,12 +45,11 @@ class BatchNorm:
         track_running_stats: bool = True,
         convention: str | Convention = "flax",
     ) -> None:
-        args = check_layer_args(1 if num_features is None else num_features, momentum=momentum,
-                                eps=epsilon, convention=convention)
+        args = check_layer_args(num_features, momentum=momentum, eps=epsilon,
+                                convention=convention, axis=axis, features_optional=True)
         self.num_features = num_features
-        self.convention = args.convention
-        self.momentum, self.epsilon = args.momentum, args.eps
-        self.axis = self.convention.default_axis if axis is None else axis
+        self.convention, self.momentum, self.epsilon = args.convention, args.momentum, args.eps
+        self.axis = args.axis
         self.param_dtype = param_dtype
         self.use_bias = check_bool("use_bias", use_bias)
         self.use_scale = check_bool("use_scale", use_scale)

@@ -181,14 +181,11 @@ class BatchNorm(gluon.HybridBlock):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        args = check_layer_args(num_features if num_features is not None else in_channels or 1,
-                                momentum=momentum, eps=epsilon, convention=convention)
+        args = check_layer_args(num_features, momentum=momentum, eps=epsilon,
+                                convention=convention, axis=axis, features_optional=True)
         in_channels = num_features if num_features is not None else in_channels
-        self.convention = args.convention
-        self.momentum, self.epsilon = args.momentum, args.eps
-        self.axis = self.convention.default_axis if axis is None else axis
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"axis must be an int or None, got {axis!r}")
+        self.convention, self.momentum, self.epsilon = args.convention, args.momentum, args.eps
+        self.axis = args.axis
         self.center, self.scale = check_bool("center", center), check_bool("scale", scale)
         self.use_global_stats = check_bool("use_global_stats", use_global_stats)
         self.track_running_stats = check_bool("track_running_stats", track_running_stats)

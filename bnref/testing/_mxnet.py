@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import strategies as st
 from mxnet import autograd, gluon, nd
 
-from bnref.conventions import DEFAULT, get_convention
+from bnref.conventions import DEFAULT
 from bnref.testing.backends import Backend, Builtin, LayerBuiltin, LayerConfig
 
 _CANONICAL = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
@@ -73,15 +73,8 @@ class GluonLayer:
                 param.set_data(nd.array(value, dtype=param.dtype))
 
 
-def _resolved(config: LayerConfig) -> dict:
-    conv = get_convention(config.convention)
-    return {"axis": conv.default_axis if config.axis is None else config.axis,
-            "momentum": conv.default_momentum if config.momentum is DEFAULT else config.momentum,
-            "epsilon": conv.default_eps if config.eps is None else config.eps}
-
-
 def builtin_layer(config: LayerConfig) -> GluonLayer:
-    block = gluon.nn.BatchNorm(**_resolved(config), center=config.affine, scale=config.affine,
+    block = gluon.nn.BatchNorm(**config.resolved(), center=config.affine, scale=config.affine,
                                in_channels=config.num_features)
     return GluonLayer(block, config.param_dtype, backward=True)
 

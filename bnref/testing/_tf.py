@@ -17,7 +17,7 @@ import tensorflow as tf
 from hypothesis import strategies as st
 
 import bnref.tf as btf
-from bnref.conventions import DEFAULT, get_convention
+from bnref.conventions import DEFAULT
 from bnref.testing.backends import Backend, Builtin, LayerBuiltin, LayerConfig
 from bnref.testing.strategies import SHAPE_POOL
 
@@ -78,16 +78,9 @@ class KerasLayer:
                                 .astype(current[name].dtype) for name in current])
 
 
-def _resolved(config: LayerConfig) -> dict:
-    conv = get_convention(config.convention)
-    return {"axis": conv.default_axis if config.axis is None else config.axis,
-            "momentum": conv.default_momentum if config.momentum is DEFAULT else config.momentum,
-            "epsilon": conv.default_eps if config.eps is None else config.eps}
-
-
 def builtin_layer(config: LayerConfig, sequential: bool = False) -> KerasLayer:
     return KerasLayer(keras.layers.BatchNormalization(
-        **_resolved(config), center=config.affine, scale=config.affine,
+        **config.resolved(), center=config.affine, scale=config.affine,
         dtype=config.param_dtype), sequential)
 
 

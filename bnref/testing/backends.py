@@ -55,6 +55,14 @@ class LayerConfig:
     def with_(self, **changes: Any) -> LayerConfig:
         return replace(self, **changes)
 
+    def resolved(self) -> dict[str, Any]:
+        """``axis``, ``momentum`` and ``epsilon`` with the convention's defaults filled in, as
+        Keras-style constructors name them."""
+        conv = CONVENTIONS[self.convention]
+        return {"axis": conv.default_axis if self.axis is None else self.axis,
+                "momentum": conv.default_momentum if self.momentum is DEFAULT else self.momentum,
+                "epsilon": conv.default_eps if self.eps is None else self.eps}
+
 
 class LayerHandle(Protocol):
     """A framework's layer behind numpy in, numpy out.

@@ -60,14 +60,11 @@ class BatchNorm(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        args = check_layer_args(1 if num_features is None else num_features, momentum=momentum,
-                                eps=epsilon, convention=convention)
+        args = check_layer_args(num_features, momentum=momentum, eps=epsilon,
+                                convention=convention, axis=axis, features_optional=True)
         self.num_features = num_features
-        self.convention = args.convention
-        self.momentum, self.epsilon = args.momentum, args.eps
-        self.axis = self.convention.default_axis if axis is None else axis
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"axis must be an int or None, got {axis!r}")
+        self.convention, self.momentum, self.epsilon = args.convention, args.momentum, args.eps
+        self.axis = args.axis
         self.center = check_bool("center", center)
         self.scale = check_bool("scale", scale)
         self.track_running_stats = check_bool("track_running_stats", track_running_stats)
