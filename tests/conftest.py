@@ -12,7 +12,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from bnref.testing.fixtures import backend, pytest_generate_tests  # noqa: F401
+from bnref.testing.fixtures import backend, pair, pytest_generate_tests  # noqa: F401
 
 _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None,

@@ -21,7 +21,7 @@ from bnref.testing.backends import (
     required_backends,
 )
 
-__all__ = ["backend", "backend_or_skip", "pytest_generate_tests"]
+__all__ = ["backend", "backend_or_skip", "pair", "pytest_generate_tests"]
 
 
 def backend_or_skip(name: str) -> Backend:
@@ -40,6 +40,18 @@ def backend(request) -> Backend:
     return backend_or_skip(request.param)
 
 
+@pytest.fixture(scope="session")
+def pair(request) -> tuple[Backend, Backend]:
+    first, second = request.param
+    return backend_or_skip(first), backend_or_skip(second)
+
+
+def backend_pairs() -> list[tuple[str, str]]:
+    """Every unordered pair of bnref's own backends, in registry order."""
+    names = [name for name, info in KNOWN_BACKENDS.items() if info.module]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
 def pytest_generate_tests(metafunc) -> None:
     """``backend`` runs over every known backend (ids ``[numpy]``, ``[torch]``, ...); tests
     that also take ``builtin_name`` (``layer_builtin_name``) run once per (backend, built-in)
@@ -54,6 +66,11 @@ def pytest_generate_tests(metafunc) -> None:
                                  ids=[f"{name}-{builtin}" for name, builtin in pairs],
                                  scope="session")
             return
+    if "pair" in metafunc.fixturenames:
+        pairs = backend_pairs()
+        metafunc.parametrize("pair", pairs, indirect=True, ids=[f"{a}~{b}" for a, b in pairs],
+                             scope="session")
+        return
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", list(KNOWN_BACKENDS), indirect=True, ids=str,
                              scope="session")
