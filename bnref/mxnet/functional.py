@@ -18,6 +18,7 @@ float32, float64 in float64. Under ``autograd.record()`` MXNet differentiates th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,12 @@ def compute_dtype(dtype: Any) -> str:
 
 def to_view(F, x, axis: int):
     """``x`` as ``(before, C, after)``: the axes before the channel axis merged, the channel
-    axis, the axes after it merged. Written with reshape codes (0 copies a dimension, -3 merges
-    two, -1 infers), so it works on ``mx.sym`` symbols of unknown shape as on ``mx.nd``."""
+    axis, the axes after it merged. An NDArray gets a view (``NDArray.reshape``; the reshape
+    *operator* would copy). Symbols of unknown shape get reshape codes (0 copies a dimension,
+    -3 merges two, -1 infers)."""
+    if isinstance(x, nd.NDArray):
+        shape, axis = x.shape, axis % x.ndim
+        return x.reshape((math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])))
     if axis >= 0:
         if axis == 0:
             x, axis = F.expand_dims(x, axis=0), 1
@@ -70,17 +75,34 @@ def channel_sums(x3: nd.NDArray) -> nd.NDArray:
                   rows.reshape((before, channels))).reshape((channels,))
 
 
-def affine(x3: nd.NDArray, scale: nd.NDArray, shift: nd.NDArray | None) -> nd.NDArray:
+def affine(x3: nd.NDArray, scale: nd.NDArray, shift: nd.NDArray | None,
+           out: nd.NDArray | None = None) -> nd.NDArray:
     """``x3 * scale + shift`` per channel in one pass where it can be: a depthwise 1x1
     convolution (oneDNN) for float32 views with a long ``after`` axis, where MXNet's broadcast
     multiply and add take ~3x a memory pass each; broadcasting otherwise (the convolution is
-    very slow with ``after`` = 1, and oneDNN has no float64)."""
+    very slow with ``after`` = 1, and oneDNN has no float64). Written into ``out`` if given."""
     _, channels, after = x3.shape
     if x3.dtype == np.float32 and after >= 64:
         return nd.Convolution(x3, scale.reshape((channels, 1, 1)), shift, kernel=(1,),
-                              num_filter=channels, num_group=channels, no_bias=shift is None)
-    y = nd.broadcast_mul(x3, scale.reshape((1, -1, 1)))
-    return y if shift is None else nd.broadcast_add(y, shift.reshape((1, -1, 1)))
+                              num_filter=channels, num_group=channels, no_bias=shift is None,
+                              out=out)
+    if shift is None:
+        return nd.broadcast_mul(x3, scale.reshape((1, -1, 1)), out=out)
+    return nd.broadcast_add(nd.broadcast_mul(x3, scale.reshape((1, -1, 1))),
+                            shift.reshape((1, -1, 1)), out=out)
+
+
+def channel_dots(a3: nd.NDArray, b3: nd.NDArray) -> nd.NDArray:
+    """Per-channel sums of ``a3 * b3``. With a long ``after`` axis, one batched dot product per
+    (before, channel) row reads both once and writes no product; with a short one (where 4M
+    tiny dot products crawl) the product is written and summed by BLAS."""
+    before, channels, after = a3.shape
+    if after < 64:
+        return channel_sums(a3 * b3)
+    rows = nd.batch_dot(a3.reshape((before * channels, 1, after)),
+                        b3.reshape((before * channels, after, 1)))
+    return nd.dot(nd.ones((1, before), dtype=a3.dtype),
+                  rows.reshape((before, channels))).reshape((channels,))
 
 
 @dataclass
@@ -92,15 +114,15 @@ class Saved:
     scale: nd.NDArray  # gamma * rstd (rstd without gamma)
 
 
-def train_forward(x3, gamma, beta, eps: float):
+def train_forward(x3, gamma, beta, eps: float, out: nd.NDArray | None = None):
     """``(y, mean, biased var, saved)`` with the batch statistics, two-pass."""
     count = x3.shape[0] * x3.shape[2]
     mean = channel_sums(x3) / count
     centered = affine(x3, nd.ones_like(mean), -mean)
-    var = channel_sums(nd.square(centered)) / count
+    var = channel_dots(centered, centered) / count
     rstd = nd.rsqrt(var + eps)
     scale = rstd if gamma is None else rstd * gamma
-    return affine(centered, scale, beta), mean, var, Saved(centered, rstd, scale)
+    return affine(centered, scale, beta, out), mean, var, Saved(centered, rstd, scale)
 
 
 def train_backward(dy3, saved: Saved):
@@ -111,18 +133,18 @@ def train_backward(dy3, saved: Saved):
     """
     count = dy3.shape[0] * dy3.shape[2]
     dbeta = channel_sums(dy3)
-    dgamma = channel_sums(dy3 * saved.centered) * saved.rstd
+    dgamma = channel_dots(dy3, saved.centered) * saved.rstd
     dx = affine(dy3, saved.scale, -saved.scale * dbeta / count)
     dx = dx + affine(saved.centered, -saved.scale * saved.rstd * dgamma / count, None)
     return dx, dgamma, dbeta
 
 
-def inference_forward(x3, gamma, beta, mean, var, eps: float):
+def inference_forward(x3, gamma, beta, mean, var, eps: float, out: nd.NDArray | None = None):
     """``(y, rstd)``: ``(x - mean) * gamma * rstd + beta`` as one per-channel multiply-add."""
     rstd = nd.rsqrt(var + eps)
     scale = rstd if gamma is None else rstd * gamma
     shift = -mean * scale if beta is None else beta - mean * scale
-    return affine(x3, scale, shift), rstd
+    return affine(x3, scale, shift, out), rstd
 
 
 class _Normalise(autograd.Function):

@@ -26,6 +26,7 @@ from bnref.mxnet.functional import (
     Saved,
     _inspect,
     affine,
+    channel_dots,
     channel_sums,
     inference_forward,
     to_view,
@@ -62,11 +63,11 @@ class _BatchNormOp(mx.operator.CustomOp):
         x3, gamma, beta = in_data
         gamma, beta = (gamma if p.use_gamma else None), (beta if p.use_beta else None)
         if aux and not (is_train and p.use_batch):
-            y, rstd = inference_forward(x3, gamma, beta, aux[0], aux[1], p.eps)
+            # Written straight into the output (req is "write" for a forward).
+            _, rstd = inference_forward(x3, gamma, beta, aux[0], aux[1], p.eps, out_data[0])
             self.saved, self.inference = None, (aux[0].copy(), rstd)
-            self.assign(out_data[0], req[0], y)
             return
-        y, mean, var, self.saved = train_forward(x3, gamma, beta, p.eps)
+        _, mean, var, self.saved = train_forward(x3, gamma, beta, p.eps, out_data[0])
         if aux and is_train:
             conv = p.conv
             estimate = conv.running_var_estimate(var, x3.shape[0] * x3.shape[2])
@@ -82,7 +83,6 @@ class _BatchNormOp(mx.operator.CustomOp):
                 momentum = nd.array([p.momentum], dtype=mean.dtype)
                 aux[0][:] = conv.update_running(aux[0], mean, momentum)
                 aux[1][:] = conv.update_running(aux[1], estimate, momentum)
-        self.assign(out_data[0], req[0], y)
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux) -> None:
         dy3 = out_grad[0]
@@ -93,7 +93,7 @@ class _BatchNormOp(mx.operator.CustomOp):
             gamma = in_data[1] if self.prop.use_gamma else nd.ones_like(rstd)
             dbeta = channel_sums(dy3)
             centered = affine(in_data[0], nd.ones_like(mean), -mean)
-            dgamma = channel_sums(dy3 * centered) * rstd
+            dgamma = channel_dots(dy3, centered) * rstd
             dx = affine(dy3, gamma * rstd, None)
         self.assign(in_grad[0], req[0], dx)
         self.assign(in_grad[1], req[1], dgamma)
@@ -244,5 +244,5 @@ class BatchNorm(gluon.HybridBlock):
                       momentum=str(self.momentum), eps=repr(self.epsilon),
                       use_batch=str(not self.use_global_stats), use_gamma=str(self.scale),
                       use_beta=str(self.center), aux=str(len(aux)))
-        y = F.reshape_like(y3, x)
+        y = y3.reshape(x.shape) if isinstance(x, nd.NDArray) else F.reshape_like(y3, x)
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
