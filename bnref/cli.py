@@ -2,7 +2,8 @@
 
 ``bnref check`` runs the conformance matrix -- every installed backend against the float64
 oracle (forward, gradients, layer trajectories), against its framework's own implementations,
-and through every bad input of the contract -- on a fixed set of cases drawn deterministically
+through every bad input of the contract, and every pair of backends against each other
+(rows ``torch~jax``: the same cases through both) -- on a fixed set of cases drawn deterministically
 from the shared Hypothesis strategies, and prints one row per (backend, check, dtype): the
 largest error, the tolerance there, their worst ratio and PASS/FAIL. Exit status 1 on any FAIL.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -165,29 +167,101 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> l
     return tasks
 
 
-def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | None,
-              progress: bool) -> list[Row]:
+def _pair_tasks(a, b, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
+    """Rows comparing two backends with each other on the same drawn cases."""
+    from bnref.testing import checks, pairwise, strategies
+
+    count = max(5, round(examples * min(a.example_scale, b.example_scale)))
+    shared = pairwise.shared_cases(a, b)
+    tasks = []
+    for dtype in shared["dtypes"]:
+        if dtypes is not None and dtype not in dtypes:
+            continue
+        restrict = {**shared, "dtypes": (dtype,)}
+
+        def drawn(strategy):
+            return lambda: draw_examples(strategy, count)
+
+        tasks += [
+            Task("pair forward", dtype, drawn(strategies.bn_cases(**restrict)),
+                 lambda case: checks.check_builtin(a, pairwise.as_builtin(b), case, "pair")),
+            Task("pair gradients", dtype,
+                 drawn(strategies.with_dy(strategies.bn_cases(**restrict, training=True))),
+                 lambda pair: checks.check_builtin_gradients(a, pairwise.as_builtin(b), *pair,
+                                                             "pair gradients")),
+            Task("pair layer", dtype, drawn(strategies.layer_cases(**restrict)),
+                 lambda case: checks.check_layer(a, case, "pair layer",
+                                                 pairwise.as_layer_builtin(b))),
+        ]
+    return tasks
+
+
+# Rough relative cost of a unit of the matrix (compiling backends dominate), to start the
+# heaviest first when units run in parallel.
+_COST = {"tf": 6, "jax": 5, "torch": 1, "numpy": 1, "mxnet": 1}
+
+
+def _units(backends: Sequence[str]) -> list[str]:
+    """The matrix's independent units: each backend, then each pair ("torch~jax")."""
+    from bnref.testing.backends import KNOWN_BACKENDS
+
+    own = [name for name in backends if KNOWN_BACKENDS[name].module]
+    return [*backends, *(f"{a}~{b}" for i, a in enumerate(own) for b in own[i + 1:])]
+
+
+def _unit_rows(unit: str, examples: int, dtypes: Sequence[str] | None) -> list[Row]:
+    """Draw and run one unit's rows (in a worker process when running in parallel)."""
     from bnref.testing.backends import load_backend
 
-    plan = []
-    for name in backends:
-        backend = load_backend(name)
-        for task in _tasks(name, backend, examples, dtypes):
-            plan.append((name, task, task.cases()))
-    bar = Progress(sum(len(cases) for _, _, cases in plan), progress)
+    if "~" in unit:
+        first, second = unit.split("~")
+        tasks = _pair_tasks(load_backend(first), load_backend(second), examples, dtypes)
+    else:
+        tasks = _tasks(unit, load_backend(unit), examples, dtypes)
     rows = []
-    for name, task, cases in plan:
-        row = Row(name, task.check, task.dtype)
-        for case in cases:
+    for task in tasks:
+        row = Row(unit, task.check, task.dtype)
+        for case in task.cases():
             try:
                 row.add(task.run(case))
             except Exception as error:  # a crash is a failure of that row, reported as such
                 row.cases += 1
                 row.ratio, row.detail = float("inf"), f"{type(error).__name__}: {error}"
-            bar.step(f"{name} {task.check} {task.dtype}")
         rows.append(row)
-    bar.close()
     return rows
+
+
+def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | None,
+              progress: bool, jobs: int = 1) -> list[Row]:
+    """Every unit's rows, in unit order. With ``jobs > 1`` units run in that many worker
+    processes (spawned, so each imports only the frameworks its units need), heaviest first."""
+    from bnref.testing.backends import KNOWN_BACKENDS
+
+    units = _units(backends)
+    if not all(KNOWN_BACKENDS[name].module for name in backends):
+        jobs = 1  # a backend registered in this process only: workers would not know it
+    bar = Progress(len(units), progress)
+    results: dict[str, list[Row]] = {}
+    if jobs <= 1:
+        for unit in units:
+            results[unit] = _unit_rows(unit, examples, dtypes)
+            bar.step(unit)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        def cost(unit: str) -> int:
+            return sum(_COST.get(name, 1) for name in unit.split("~"))
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_unit_rows, unit, examples, dtypes): unit
+                       for unit in sorted(units, key=cost, reverse=True)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.step(futures[future])
+    bar.close()
+    return [row for unit in units for row in results[unit]]
 
 
 def _table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -231,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="only this dtype (repeatable)")
     check.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
                        help=f"cases per row (default {DEFAULT_EXAMPLES})")
+    check.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                       help="worker processes (default: 2, or 1 on one core)")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
     conv = sub.add_parser("conventions", help="print the conventions table")
     conv.add_argument("--json", action="store_true")
@@ -264,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     started = time.monotonic()
     rows = run_check(names, args.examples, args.dtypes,
-                     progress=sys.stderr.isatty() and not args.json)
+                     progress=sys.stderr.isatty() and not args.json, jobs=args.jobs)
     elapsed = time.monotonic() - started
     passed = all(r.passed for r in rows)
     if args.json:

@@ -68,8 +68,10 @@ def test_quickstart_commands_are_one_line_each(marker):
     assert "pip install -e '.[all,test]'" in lines[0]
 
 
-def test_every_other_python_snippet_runs():
-    """The usage snippets (conventions, numpy, torch, jax) are executed as written."""
+def test_every_other_python_snippet_runs(tmp_path, monkeypatch):
+    """The usage snippets (conventions, backends, convert) are executed as written, in a
+    scratch directory (the convert snippet writes a file)."""
+    monkeypatch.chdir(tmp_path)
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
               if "test_my_bn" not in b]
     assert len(blocks) >= 3

@@ -8,7 +8,6 @@ of shapes as the JAX one: compiled functions are reused across examples.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import keras
@@ -193,26 +192,6 @@ def _fused_gradients(x, gamma, beta, dy, *, eps, axis):
             None if beta is None else to_numpy(dbeta))
 
 
-@functools.cache
-def _differentiated(eps, axis, convention, wide, ndim):
-    """bnref.tf's gradient as one traced function per flag set and rank (retracing per
-    example would cost more than the math; ``reduce_retracing`` then generalizes sizes)."""
-    del wide, ndim  # part of the cache key: the objective's precision; ranks never mix
-
-    @tf.function(autograph=False, reduce_retracing=True)
-    def grads(x, gamma, beta, dy):
-        sources = [t for t in (x, gamma, beta) if t is not None]
-        with tf.GradientTape() as tape:
-            tape.watch(sources)
-            y = btf.batch_norm(x, gamma, beta, None, None, training=True, eps=eps, axis=axis,
-                               convention=convention)[0]
-            objective = tf.reduce_sum(tf.cast(y, dy.dtype) * dy)
-        grads = iter(tape.gradient(objective, sources))
-        return [None if t is None else next(grads) for t in (x, gamma, beta)]
-
-    return grads
-
-
 KERAS_MOMENTUM = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
 
 
@@ -234,13 +213,18 @@ class TfBackend(Backend):
         return btf.batch_norm(x, gamma, beta, running_mean, running_var, **kwargs)
 
     def gradients(self, x, gamma, beta, dy, *, eps=None, axis=None, convention="torch"):
+        # Eagerly: the XLA-compiled math and its gradient function are cached per shape,
+        # where an outer tf.function keyed on eps would recompile for every new value.
+        inputs = [None if a is None else to_tensor(a) for a in (x, gamma, beta)]
+        sources = [t for t in inputs if t is not None]
         wide = _wide(x.dtype)
-        grads = _differentiated(eps, axis, convention, wide, x.ndim)
-        dx, dgamma, dbeta = grads(to_tensor(x), *(None if a is None else to_tensor(a)
-                                                  for a in (gamma, beta)),
-                                  tf.constant(dy, wide))
-        return (to_numpy(dx), None if gamma is None else to_numpy(dgamma),
-                None if beta is None else to_numpy(dbeta))
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            y = btf.batch_norm(*inputs, None, None, training=True, eps=eps, axis=axis,
+                               convention=convention)[0]
+            objective = tf.reduce_sum(tf.cast(y, wide) * tf.constant(dy, wide))
+        grads = iter(tape.gradient(objective, sources))
+        return tuple(None if t is None else to_numpy(next(grads)) for t in inputs)
 
     def make_layer(self, config: LayerConfig, sequential: bool = False) -> KerasLayer:
         # autocast=False: float16 data stays float16 with float32 weights (as under a
