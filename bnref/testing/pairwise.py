@@ -10,17 +10,12 @@ the comparisons reuse the built-in checks, with the second backend in the built-
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from bnref.testing.backends import Backend, Builtin, LayerBuiltin
 from bnref.testing.checks import check_builtin, check_builtin_gradients, check_layer
 from bnref.testing.strategies import bn_cases, layer_cases, with_dy
-from bnref.testing.suite import assert_all
+from bnref.testing.suite import assert_all, property_test
 
 __all__ = ["as_builtin", "as_layer_builtin", "shared_cases",
            "test_pair_forward_agrees", "test_pair_gradients_agree", "test_pair_layers_agree"]
@@ -46,30 +41,7 @@ def shared_cases(a: Backend, b: Backend) -> dict[str, Any]:
             "shapes": a.shape_pool or b.shape_pool}
 
 
-def pair_property_test(test):
-    """``@given(data=st.data())`` with the profile's budget scaled by the smaller of the two
-    backends' ``example_scale``."""
-    signature = inspect.signature(test)
-
-    @functools.wraps(test)
-    def run(pair: tuple[Backend, Backend], *args, **kwargs) -> None:
-        scale = min(pair[0].example_scale, pair[1].example_scale)
-        budget = max(10, round(settings.default.max_examples * scale))
-
-        @settings(max_examples=budget)
-        @given(data=st.data())
-        def examples(data) -> None:
-            test(pair, *args, data=data, **kwargs)
-
-        examples.__qualname__ = test.__qualname__
-        examples()
-
-    run.__signature__ = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name != "data"])
-    return run
-
-
-@pair_property_test
+@property_test
 def test_pair_forward_agrees(pair: tuple[Backend, Backend], data) -> None:
     """Outputs and new running statistics of one call agree between the two backends."""
     a, b = pair
@@ -77,7 +49,7 @@ def test_pair_forward_agrees(pair: tuple[Backend, Backend], data) -> None:
     assert_all(check_builtin(a, as_builtin(b), case, check="pair"), case)
 
 
-@pair_property_test
+@property_test
 def test_pair_gradients_agree(pair: tuple[Backend, Backend], data) -> None:
     """Training-mode dx, dgamma and dbeta agree between the two backends."""
     a, b = pair
@@ -87,7 +59,7 @@ def test_pair_gradients_agree(pair: tuple[Backend, Backend], data) -> None:
                case)
 
 
-@pair_property_test
+@property_test
 def test_pair_layers_agree(pair: tuple[Backend, Backend], data) -> None:
     """The two native layers, fed the same batches from the same state, agree step by step:
     outputs, running statistics (and batch counters), then inference."""

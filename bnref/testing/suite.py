@@ -78,20 +78,25 @@ _NON_TORCH = tuple(name for name in CONVENTIONS if not CONVENTIONS[name].single_
 
 def property_test(test):
     """``@given(data=st.data())``, with the active profile's example budget scaled by the
-    backend's ``example_scale`` (frameworks that compile per shape run fewer examples).
+    backend's ``example_scale`` (frameworks that compile per shape run fewer examples); for a
+    pair of backends (the pairwise tests), by the smaller of the two.
 
     The Hypothesis test is built per call, so the budget can depend on the backend fixture.
     """
     signature = inspect.signature(test)
+    first = next(iter(signature.parameters))  # "backend", or "pair"
 
     @functools.wraps(test)
-    def run(backend: Backend, *args, **kwargs) -> None:
-        budget = max(10, round(settings.default.max_examples * backend.example_scale))
+    def run(*args, **kwargs) -> None:
+        subject = kwargs[first] if first in kwargs else args[0]
+        backends = subject if isinstance(subject, tuple) else (subject,)
+        scale = min(b.example_scale for b in backends)
+        budget = max(10, round(settings.default.max_examples * scale))
 
         @settings(max_examples=budget)
         @given(data=st.data())
         def examples(data) -> None:
-            test(backend, *args, data=data, **kwargs)
+            test(*args, data=data, **kwargs)
 
         examples.__qualname__ = test.__qualname__  # a stable name: derandomized seeds
         examples()
