@@ -5,6 +5,7 @@ tf.function and under jit_compile, and the fused kernel's unbiased batch varianc
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnref.conventions import CONVENTIONS
-from bnref.testing.checks import check_layer
+from bnref.testing.checks import check_forward, check_gradients, check_layer
 from bnref.testing.fixtures import backend_or_skip
-from bnref.testing.strategies import SHAPE_POOL, bn_cases, layer_cases
+from bnref.testing.strategies import SHAPE_POOL, bn_cases, layer_cases, with_dy
 from bnref.testing.suite import assert_all
 from bnref.testing.tolerances import ChannelStats, assert_close, forward_tolerance
 
@@ -154,6 +155,31 @@ def test_eager_tf_function_and_jit_compile_agree(mode, data):
         if got is not None:
             scale = np.abs(want.numpy()).max() + 1
             assert_close(got.numpy(), want.numpy(), 1e-5 * scale, f"{name}, {mode} vs eager")
+
+
+def test_only_large_eager_inputs_are_compiled():
+    compiled = btf.functional._normalise
+    limit = btf.functional.EAGER_MAX_SIZE
+    small = tf.ones((limit // 8, 8))
+    large = tf.ones((limit // 8 + 1, 8))
+    before = compiled.experimental_get_tracing_count()
+    btf.batch_norm(small, None, None, None, None, training=True, axis=1, convention="onnx")
+    assert compiled.experimental_get_tracing_count() == before, "a small eager input compiled"
+    btf.batch_norm(large, None, None, None, None, training=True, axis=1, convention="onnx")
+    assert compiled.experimental_get_tracing_count() == before + 1, "a large one did not"
+
+
+@examples()
+@given(data=st.data())
+def test_compiled_path_matches_the_oracle(data):
+    """The shared suite's small eager inputs run op by op: here the same checks go through the
+    XLA-compiled function that large inputs and traced callers use."""
+    case = data.draw(bn_cases(dtypes=BACKEND.dtypes, shapes=SHAPE_POOL), label="case")
+    grad_case, dy = data.draw(with_dy(bn_cases(dtypes=BACKEND.dtypes, shapes=SHAPE_POOL,
+                                               training=True)), label="gradient case")
+    with mock.patch.object(btf.functional, "EAGER_MAX_SIZE", -1):
+        assert_all(check_forward(BACKEND, case), case)
+        assert_all(check_gradients(BACKEND, grad_case, dy), grad_case)
 
 
 @pytest.mark.parametrize("mode", ["eager", "tf.function", "jit_compile"])
