@@ -196,9 +196,32 @@ def _pair_tasks(a, b, examples: int, dtypes: Sequence[str] | None) -> list[Task]
     return tasks
 
 
-# Rough relative cost of a unit of the matrix (compiling backends dominate), to start the
-# heaviest first when units run in parallel.
-_COST = {"tf": 6, "jax": 5, "torch": 1, "numpy": 1, "mxnet": 1}
+# Rough seconds a backend's own unit takes here (JAX compiles every new shape and flag set); a
+# pair unit costs about _PAIR_COST once the processes' compiled functions are warm.
+_COST = {"jax": 28, "tf": 7, "mxnet": 6, "torch": 4, "numpy": 2}
+_PAIR_COST = 2
+
+
+def _cost(unit: str) -> int:
+    return _COST.get(unit, 5) if "~" not in unit else _PAIR_COST
+
+
+def _lanes(units: Sequence[str], jobs: int) -> list[list[str]]:
+    """Split the units into at most ``jobs`` lanes, one worker process each. A pair goes to the
+    lane of its costlier backend: that process has imported the framework and compiled its
+    functions for the same shapes already (a pair run elsewhere paid JAX's compiles twice).
+    Groups go heaviest first into the least loaded lane."""
+    groups: dict[str, list[str]] = {}
+    for unit in units:
+        anchor = max(unit.split("~"), key=lambda name: _COST.get(name, 5))
+        groups.setdefault(anchor, []).append(unit)
+    lanes: list[list[str]] = [[] for _ in range(jobs)]
+    loads = [0] * jobs
+    for members in sorted(groups.values(), key=lambda g: -sum(map(_cost, g))):
+        lane = loads.index(min(loads))
+        lanes[lane] += members
+        loads[lane] += sum(map(_cost, members))
+    return [lane for lane in lanes if lane]
 
 
 def _units(backends: Sequence[str]) -> list[str]:
@@ -233,8 +256,8 @@ def _unit_rows(unit: str, examples: int, dtypes: Sequence[str] | None) -> list[R
 
 def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | None,
               progress: bool, jobs: int = 1) -> list[Row]:
-    """Every unit's rows, in unit order. With ``jobs > 1`` units run in that many worker
-    processes (spawned, so each imports only the frameworks its units need), heaviest first."""
+    """Every unit's rows, in unit order. With ``jobs > 1`` units run in up to that many worker
+    processes (spawned, so each imports only the frameworks its units need; see _lanes)."""
     from bnref.testing.backends import KNOWN_BACKENDS
 
     units = _units(backends)
@@ -250,16 +273,18 @@ def run_check(backends: Sequence[str], examples: int, dtypes: Sequence[str] | No
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        def cost(unit: str) -> int:
-            return sum(_COST.get(name, 1) for name in unit.split("~"))
-
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        lanes = _lanes(units, jobs)
+        pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in lanes]
+        try:
             futures = {pool.submit(_unit_rows, unit, examples, dtypes): unit
-                       for unit in sorted(units, key=cost, reverse=True)}
+                       for pool, lane in zip(pools, lanes, strict=True) for unit in lane}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.step(futures[future])
+        finally:
+            for pool in pools:
+                pool.shutdown()
     bar.close()
     return [row for unit in units for row in results[unit]]
 

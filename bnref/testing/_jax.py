@@ -164,6 +164,18 @@ class _LinenLayer:
             {k: v for k, v in state.items() if k != "num_batches_tracked"}, dtypes)
 
 
+@functools.cache
+def _nnx_call():
+    """An nnx module's call under nnx.jit, as a training step would run it (op by op it
+    compiles every primitive separately)."""
+    from flax import nnx
+
+    def call(module, x, training):
+        return module(x, use_running_average=not training)
+
+    return nnx.jit(call, static_argnums=2)
+
+
 class _NnxLayer:
     def __init__(self, config: LayerConfig) -> None:
         from flax import nnx
@@ -178,7 +190,7 @@ class _NnxLayer:
             rngs=nnx.Rngs(0))
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
-        return to_numpy(self.module(to_array(x), use_running_average=not training))
+        return to_numpy(_nnx_call()(self.module, to_array(x), training))
 
     def _slots(self):
         m = self.module
@@ -205,6 +217,19 @@ _FLAX_LAYER_CASES = {"conventions": ("flax",), "track_running_stats": True,
                      "momentum": _FLAX_MOMENTUM}
 
 
+@functools.cache
+def _bnref_grad(eps, axis, convention):
+    """d(sum(y * dy)) / d(x, gamma, beta), compiled as one function: grad of the op-by-op
+    objective compiled ~6 pieces per case (forward, transpose, casts), 3x the time."""
+    def objective(x, gamma, beta, dy):
+        y = bj.batch_norm(x, gamma, beta, None, None, training=True, eps=eps, axis=axis,
+                          convention=convention)[0]
+        wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+        return jnp.sum(y.astype(wide) * dy.astype(wide))
+
+    return jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
+
+
 class JaxBackend(Backend):
     name = "jax"
     array_type = bj.functional.ARRAY_TYPE
@@ -224,15 +249,8 @@ class JaxBackend(Backend):
         return bj.batch_norm(x, gamma, beta, running_mean, running_var, **kwargs)
 
     def gradients(self, x, gamma, beta, dy, *, eps=None, axis=None, convention="torch"):
-        def objective(x_, gamma_, beta_):
-            y = bj.batch_norm(x_, gamma_, beta_, None, None, training=True, eps=eps, axis=axis,
-                              convention=convention)[0]
-            return jnp.sum(y.astype(jnp.float64 if x.dtype == np.float64 else jnp.float32)
-                           * to_array(dy).astype(jnp.float64 if x.dtype == np.float64
-                                                 else jnp.float32))
-
-        arrays = [None if a is None else to_array(a) for a in (x, gamma, beta)]
-        grads = jax.grad(objective, argnums=(0, 1, 2))(*arrays)
+        arrays = [None if a is None else to_array(a) for a in (x, gamma, beta, dy)]
+        grads = _bnref_grad(eps, axis, convention)(*arrays)
         return tuple(None if g is None else to_numpy(g).astype(a.dtype)
                      for g, a in zip(grads, (x, gamma, beta), strict=True))
 
