@@ -78,8 +78,24 @@ class Progress:
             sys.stderr.write("\r" + " " * 80 + "\r")
 
 
+# Drawn cases by (strategy repr, count). Derandomized draws depend only on the strategy, whose
+# repr Hypothesis builds from every argument; many rows share one (each backend's forward rows,
+# the pairs), and drawing took ~40% of a worker's time before this.
+_DRAWN: dict[tuple[str, int], list[Any]] = {}
+
+
 def draw_examples(strategy, count: int) -> list[Any]:
-    """``count`` values of a strategy, the same ones on every run (derandomized Hypothesis)."""
+    """``count`` values of a strategy, the same ones on every run (derandomized Hypothesis).
+    Each call gets its own copy: a backend that mutated a case must not reach other rows."""
+    import copy
+
+    key = (repr(strategy), count)
+    if key not in _DRAWN:
+        _DRAWN[key] = _draw(strategy, count)
+    return copy.deepcopy(_DRAWN[key])
+
+
+def _draw(strategy, count: int) -> list[Any]:
     from hypothesis import HealthCheck, Phase, given, settings
 
     drawn: list[Any] = []
@@ -104,6 +120,16 @@ class Task:
     run: Callable[[Any], list[Any]]
 
 
+def _case_count(examples: int, *backends) -> int:
+    """Cases per row: ``examples``, or a quarter of it (at least 5) when a backend compiles
+    per shape (it declares a shape pool, which its cases are drawn from). Each of JAX's cases
+    is a new compile (~0.1 s forward, ~0.15 s gradient here), and those compiles were most of
+    the check's time; its property tests run 40 examples per property instead."""
+    if any(b.shape_pool for b in backends):
+        return min(examples, max(5, examples // 4))
+    return examples
+
+
 def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
     from bnref.testing import checks, strategies
     from bnref.testing.backends import KNOWN_BACKENDS
@@ -112,8 +138,7 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> l
     def wanted(dtype: str) -> bool:
         return dtypes is None or dtype in dtypes
 
-    # Backends that compile per shape draw from their pool and run fewer cases per row.
-    count = max(5, round(examples * backend.example_scale))
+    count = _case_count(examples, backend)
     pool = {"shapes": backend.shape_pool}
 
     def drawn(strategy):
@@ -171,7 +196,7 @@ def _pair_tasks(a, b, examples: int, dtypes: Sequence[str] | None) -> list[Task]
     """Rows comparing two backends with each other on the same drawn cases."""
     from bnref.testing import checks, pairwise, strategies
 
-    count = max(5, round(examples * min(a.example_scale, b.example_scale)))
+    count = _case_count(examples, a, b)
     shared = pairwise.shared_cases(a, b)
     tasks = []
     for dtype in shared["dtypes"]:
@@ -198,7 +223,7 @@ def _pair_tasks(a, b, examples: int, dtypes: Sequence[str] | None) -> list[Task]
 
 # Rough seconds a backend's own unit takes here (JAX compiles every new shape and flag set); a
 # pair unit costs about _PAIR_COST once the processes' compiled functions are warm.
-_COST = {"jax": 28, "tf": 7, "mxnet": 6, "torch": 4, "numpy": 2}
+_COST = {"jax": 28, "tf": 10, "mxnet": 6, "torch": 4, "numpy": 2}
 _PAIR_COST = 2
 
 
@@ -329,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--dtype", action="append", dest="dtypes",
                        help="only this dtype (repeatable)")
     check.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
-                       help=f"cases per row (default {DEFAULT_EXAMPLES})")
+                       help=f"cases per row (default {DEFAULT_EXAMPLES}; a quarter, at least "
+                            "5, for backends that compile per shape)")
     check.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="worker processes (default: 2, or 1 on one core)")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -67,3 +67,39 @@ def test_check_refuses_an_unknown_backend():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["check", "--backends", "caffe"])
     assert exit_info.value.code == 2
+
+
+def test_lanes_run_every_unit_once_with_pairs_beside_their_costlier_backend():
+    units = cli._units(["numpy", "torch", "jax", "tf", "mxnet"])
+    lanes = cli._lanes(units, 2)
+    assert len(lanes) == 2
+    assert sorted(u for lane in lanes for u in lane) == sorted(units)
+    jax_lane = next(lane for lane in lanes if "jax" in lane)
+    assert {u for u in units if "jax" in u.split("~")} <= set(jax_lane)
+    assert cli._lanes(units, 8) == [lane for lane in cli._lanes(units, 8) if lane]
+    assert cli._lanes(["numpy"], 2) == [["numpy"]]
+
+
+def test_drawn_cases_are_the_same_each_time_and_private_to_each_caller():
+    from bnref.testing.strategies import bn_cases
+
+    first = cli.draw_examples(bn_cases(dtypes=("float16",)), 4)
+    first[0].x[...] = 12345  # a backend that wrongly wrote to its input
+    again = cli.draw_examples(bn_cases(dtypes=("float16",)), 4)
+    fresh = cli._draw(bn_cases(dtypes=("float16",)), 4)
+    assert len(again) == 4
+    for a, b in zip(again, fresh, strict=True):
+        assert repr(a) == repr(b)
+    assert not (again[0].x == 12345).all()
+
+
+def test_compiling_backends_run_a_quarter_of_the_cases():
+    from bnref.testing._numpy import NumpyBackend as Plain
+
+    class Compiling(Plain):
+        shape_pool = ((2, 3),)
+
+    assert cli._case_count(20, Plain()) == 20
+    assert cli._case_count(20, Plain(), Compiling()) == 5
+    assert cli._case_count(40, Compiling()) == 10
+    assert cli._case_count(3, Compiling()) == 3

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import bnref.tf as btf
 from bnref.conventions import DEFAULT
 from bnref.testing.backends import Backend, Builtin, LayerBuiltin, LayerConfig
-from bnref.testing.strategies import SHAPE_POOL
 
 # canonical state name -> the Keras weight's name
 _NAMES = {"gamma": "gamma", "beta": "beta", "running_mean": "moving_mean",
@@ -199,9 +198,8 @@ class TfBackend(Backend):
     name = "tf"
     array_type = btf.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64")
-    shape_pool = SHAPE_POOL
-    # Each new shape costs XLA a compilation (~0.1 s forward, ~0.3 s gradient), as in JAX.
-    example_scale = 0.4
+    # Eager calls on small tensors run op by op (bnref.tf.functional.EAGER_MAX_SIZE): no
+    # compile per shape, so tf draws any shape and the full example count, as numpy does.
 
     def asarray(self, array: np.ndarray) -> tf.Tensor:
         return to_tensor(array)
