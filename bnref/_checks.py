@@ -123,10 +123,14 @@ def check_batch_norm_args(
     convention: Any,
     inspect: Inspect,
     array_type: str,
+    allow_empty: bool = False,
 ) -> BatchNormArgs:
     """Validate a ``batch_norm`` call and resolve the convention's defaults.
 
     ``array_type`` names the framework's array type in messages ("torch.Tensor").
+    ``allow_empty``: the backend accepts an ``x`` with no values (a zero batch or spatial size),
+    as ``torch.nn.BatchNorm*d`` does (an empty ``y``, running statistics unchanged); ``count``
+    is then 0. Backends whose built-in has no such rule refuse it.
     """
     x_shape, _ = _array("x", x, inspect, array_type)
     ndim = len(x_shape)
@@ -134,7 +138,7 @@ def check_batch_norm_args(
         raise ValueError(
             f"x must have rank {MIN_RANK} to {MAX_RANK}, got rank {ndim} with shape {x_shape}"
         )
-    if 0 in x_shape:
+    if 0 in x_shape and not allow_empty:
         raise ValueError(f"x must hold at least one value per channel, got shape {x_shape}")
     conv = get_convention(convention)
     channel_axis = check_axis(conv.default_axis if axis is None else axis, ndim)
@@ -163,7 +167,12 @@ def check_batch_norm_args(
         )
 
     known = None not in x_shape
-    count = math.prod(x_shape) // num_channels if known else None
+    if not known:
+        count = None
+    elif num_channels == 0:  # only with allow_empty: no channel, so no value in any
+        count = 0
+    else:
+        count = math.prod(x_shape) // num_channels
     uses_batch_stats = training or running_mean is None
     if uses_batch_stats and count == 1 and conv.single_value_error:
         raise ValueError(

@@ -21,6 +21,7 @@ framework. Every default below is pinned to the installed framework by a test
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -125,6 +126,19 @@ class Convention:
 
     def __str__(self) -> str:
         return self.name
+
+    def __reduce__(self):
+        # A registered record pickles as its name (unpickling gives the same object back); any
+        # other as its fields, with state_names as a plain dict (a mappingproxy cannot pickle).
+        if CONVENTIONS.get(self.name) is self:
+            return get_convention, (self.name,)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["state_names"] = dict(self.state_names)
+        return _rebuild_convention, (fields,)
+
+
+def _rebuild_convention(fields: dict) -> Convention:
+    return Convention(**{**fields, "state_names": MappingProxyType(dict(fields["state_names"]))})
 
 
 def _names(gamma: str, beta: str, mean: str, var: str) -> Mapping[str, str]:

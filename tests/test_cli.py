@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 
@@ -44,15 +49,71 @@ def test_conventions_json_round_trips_the_records(capsys):
         name: c.default_momentum for name, c in CONVENTIONS.items()}
 
 
-def test_check_numpy_passes_with_every_row(capsys):
-    assert cli.main(["check", "--backends", "numpy", "--examples", "3", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def numpy_report():
+    """``bnref check --backends numpy --examples 3 --json``: its exit status and report."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["check", "--backends", "numpy", "--examples", "3", "--json"])
+    return status, json.loads(out.getvalue())
+
+
+def test_check_numpy_passes_with_every_row(numpy_report):
+    status, report = numpy_report
+    assert status == 0
     checks = {(row["check"], row["dtype"]) for row in report["rows"]}
     assert report["passed"] and all(row["passed"] for row in report["rows"])
     assert {("forward", "float32"), ("gradients", "float16"), ("layer", "bfloat16"),
             ("finite differences", "float64"), ("vs onnxruntime", "float32"),
             ("bad input", "-"), ("bad layer arguments", "-")} <= checks
     assert all(row["cases"] > 0 for row in report["rows"])
+
+
+def test_each_row_shows_the_error_and_tolerance_of_the_element_that_decides_it(numpy_report):
+    _, report = numpy_report
+    for row in report["rows"]:
+        error, tolerance, ratio = row["deciding_error"], row["deciding_tolerance"], row["ratio"]
+        assert row["tolerance"] == tolerance  # the old key, kept
+        assert error <= row["max_error"] * (1 + 1e-12), row
+        if tolerance == 0:
+            assert error == ratio == 0, row
+        else:
+            assert math.isclose(error / tolerance, ratio, rel_tol=1e-9, abs_tol=1e-300), row
+        if row["passed"]:
+            assert error <= tolerance * (1 + 1e-12), row
+
+
+def test_a_small_error_under_a_tight_tolerance_decides_over_a_large_one_under_a_wide_one():
+    from bnref.testing.tolerances import compare
+
+    row = cli.Row("numpy", "forward", "float32")
+    # Element 0: error 12.7 under tolerance 1000 (ratio 0.0127); element 1: error 1e-4 under
+    # 2.8e-4 (ratio ~0.357), which decides the row.
+    row.add([compare([12.7, 1e-4], [0.0, 0.0], [1000.0, 2.8e-4], "y")])
+    row.add([compare([0.0], [0.0], [1.0], "y")])
+    assert row.passed
+    assert row.max_error == 12.7
+    assert row.tolerance == 2.8e-4
+    assert math.isclose(row.error, 1e-4, rel_tol=1e-12)
+    assert math.isclose(row.ratio, 1e-4 / 2.8e-4, rel_tol=1e-12)
+    line = cli.format_rows([row]).splitlines()[2].split()
+    assert line[4:] == ["0.0001", "0.00028", "0.357", "12.7", "PASS"]
+
+
+def test_a_failing_or_crashing_row_keeps_error_tolerance_and_ratio_together():
+    from bnref.testing.tolerances import compare
+
+    exceeded = cli.Row("numpy", "forward", "float32")
+    exceeded.add([compare([3e-4, 5.0], [0.0, 0.0], [1e-4, 100.0], "y")])
+    assert not exceeded.passed and "y: max |error| 5" in exceeded.detail
+    assert math.isclose(exceeded.error, 3e-4) and exceeded.tolerance == 1e-4
+    unchanged = cli.Row("numpy", "forward", "float32")  # where nothing may change: tolerance 0
+    unchanged.add([compare([0.5], [0.0], 0.0, "running_mean")])
+    assert (unchanged.error, unchanged.tolerance, unchanged.ratio) == (0.5, 0.0, math.inf)
+    crashed = cli.Row("numpy", "forward", "float32")
+    crashed.crashed(RuntimeError("boom"))
+    assert not crashed.passed and crashed.detail == "RuntimeError: boom"
+    assert crashed.as_dict()["deciding_error"] == math.inf
 
 
 def test_check_prints_a_table_and_fails_a_wrong_backend(capsys, wrong_backend):
@@ -103,3 +164,22 @@ def test_compiling_backends_run_a_quarter_of_the_cases():
     assert cli._case_count(20, Plain(), Compiling()) == 5
     assert cli._case_count(40, Compiling()) == 10
     assert cli._case_count(3, Compiling()) == 3
+
+
+def _python_m_bnref(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bnref", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_python_m_bnref_runs_the_command():
+    done = _python_m_bnref("conventions")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == cli.conventions_table() + "\n"
+
+
+def test_python_m_bnref_exits_like_the_command_on_bad_arguments():
+    done = _python_m_bnref("frobnicate")
+    assert done.returncode == 2
+    assert "usage: bnref" in done.stderr and "frobnicate" in done.stderr
+    unknown = _python_m_bnref("check", "--backends", "caffe")
+    assert unknown.returncode == 2 and "unknown backends" in unknown.stderr

@@ -79,8 +79,10 @@ def _blocks(shape3: tuple[int, int, int], itemsize: int) -> Iterator[tuple[slice
                         start, start + _MAX_RUN)
 
 
-def _channel_sums(block: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel sum of ``block`` (or of ``block * other``) over its rows and inner axis.
+def _channel_sums(block: np.ndarray, other: np.ndarray | None = None,
+                  dtype: np.dtype | None = None) -> np.ndarray:
+    """Per-channel sum of ``block`` (or of ``block * other``) over its rows and inner axis,
+    accumulated in ``dtype`` (default: the block's).
 
     einsum's summation loop is several times faster than ``ndarray.sum`` here but adds
     sequentially (in SIMD lanes) rather than pairwise, so blocks cap each channel's run at
@@ -89,34 +91,69 @@ def _channel_sums(block: np.ndarray, other: np.ndarray | None = None) -> np.ndar
     rows, channels, inner = block.shape
     if inner == 1:
         flat = block.reshape(rows, channels)
-        return (np.einsum("rc->c", flat) if other is None
-                else np.einsum("rc,rc->c", flat, other.reshape(rows, channels)))
+        return (np.einsum("rc->c", flat, dtype=dtype) if other is None
+                else np.einsum("rc,rc->c", flat, other.reshape(rows, channels), dtype=dtype))
     flat = block.reshape(rows * channels, inner)
-    per_row = (np.einsum("ri->r", flat) if other is None
-               else np.einsum("ri,ri->r", flat, other.reshape(rows * channels, inner)))
+    per_row = (np.einsum("ri->r", flat, dtype=dtype) if other is None
+               else np.einsum("ri,ri->r", flat, other.reshape(rows * channels, inner),
+                              dtype=dtype))
     return per_row.reshape(rows, channels).sum(axis=0)
 
 
-def channel_moments(x3: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance of (outer, C, inner) data, in ``dtype``.
+def _widened(block: np.ndarray, scratch: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``block`` itself when it has the compute dtype, else a copy in ``scratch`` (float16 and
+    bfloat16 widen to float32 exactly; numpy's mixed-dtype loops would cast on every op)."""
+    if block.dtype == dtype:
+        return block
+    work = scratch[: block.size].reshape(block.shape)
+    np.copyto(work, block, casting="unsafe")
+    return work
 
-    Each block is reduced two-pass (mean, then the sum of squared deviations from it) while
-    it sits in cache; blocks are merged with Chan, Golub & LeVeque's pairwise update.
+
+def channel_moments(x3: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of (outer, C, inner) data, both in float64.
+
+    ``dtype`` is the compute dtype the blocks are centred in. Each block is reduced two-pass
+    (mean, then the sum of squared deviations from it) while it sits in cache; blocks are
+    merged with Chan, Golub & LeVeque's pairwise update, in float64.
+
+    The block mean is exact enough that a constant channel gets its value back exactly:
+
+    * float32 blocks (float16/bfloat16 widened) are summed in float64. A block sums at most
+      _MAX_RUN = 2^14 values of a channel, so n equal float32 values sum exactly (24 + 14 bits
+      < 53) and the division returns the value itself.
+    * float64 blocks have no wider type. Their mean ``m`` is corrected by the mean of the
+      residuals ``x - m``: those are exact (Sterbenz) and, on a constant channel, n copies of
+      one small multiple of ulp(m) whose sum is exact too, so ``m + sum(x - m) / n`` is the
+      value exactly. Elsewhere the correction is the classic corrected two-pass algorithm.
+
+    Either way the block's sum of squares is taken about the mean rounded to ``dtype``
+    (``hi``), where ``x - hi`` is exact for values near the mean, and moved to the exact mean
+    with ``m2 = sum((x - hi)²) - count * (mean - hi)²``.
     """
+    acc = np.dtype(np.float64)
     channels = x3.shape[1]
-    mean = np.zeros(channels, dtype)
-    m2 = np.zeros(channels, dtype)
-    seen = np.zeros(channels, dtype)
+    mean = np.zeros(channels, acc)
+    m2 = np.zeros(channels, acc)
+    seen = np.zeros(channels, acc)
     scratch = np.empty(min(x3.size, _BLOCK_BYTES // dtype.itemsize), dtype)
     for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
-        block = x3[rows, chans, cols]
+        block = _widened(x3[rows, chans, cols], scratch, dtype)
         work = scratch[: block.size].reshape(block.shape)
-        np.copyto(work, block)  # float16/bfloat16 widen to float32 here
         count = block.shape[0] * block.shape[2]
-        block_mean = _channel_sums(work) / dtype.type(count)
-        # In place: numpy's in-place broadcast subtract is ~2x its out-of-place one.
-        np.subtract(work, block_mean[None, :, None], out=work)
-        block_m2 = _channel_sums(work, work)
+        block_mean = _channel_sums(block, dtype=acc) / count
+        hi = block_mean.astype(dtype)
+        # Out of place when block is x itself; in place (~2x faster) when it is the scratch.
+        np.subtract(block, hi[None, :, None], out=work)
+        if dtype == acc:
+            residual = _channel_sums(work) / count
+            block_mean = hi + residual
+        else:
+            residual = block_mean - hi  # exact: both are float64 and within an ulp of hi
+        # Squares round once each (a relative error, never a cancellation); their sum is
+        # accumulated in float64, so the variance does not lose accuracy to the run length.
+        np.multiply(work, work, out=work)
+        block_m2 = _channel_sums(work, dtype=acc) - count * (residual * residual)
         # Chan et al.: merge (seen, mean, m2) with (count, block_mean, block_m2).
         before = seen[chans]
         total = before + count
@@ -124,28 +161,57 @@ def channel_moments(x3: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.nda
         mean[chans] += delta * (count / total)
         m2[chans] += block_m2 + delta * delta * (before * (count / total))
         seen[chans] = total
-    return mean, m2 / seen
+    # Rounding can leave a constant channel's m2 a hair below 0; the variance is not.
+    return mean, np.maximum(m2 / seen, 0.0)
 
 
-def _normalize(x3: np.ndarray, scale: np.ndarray, shift: np.ndarray, out3: np.ndarray) -> None:
-    """out = x * scale + shift per channel, block by block (in the dtype of ``scale``)."""
+def _split(value: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``value`` (float64) as ``hi + lo`` in ``dtype``: ``hi`` its rounding, ``lo`` the rest
+    (0 when ``dtype`` is float64). Subtracting ``hi`` from ``x`` is exact near the mean."""
+    hi = value.astype(dtype)
+    return hi, (value - hi).astype(dtype)
+
+
+def _per_channel(values: np.ndarray) -> np.ndarray:
+    return values[None, :, None]
+
+
+def _normalize(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+               out3: np.ndarray) -> None:
+    """out = (x - mean) * scale + shift per channel, block by block (in the dtype of
+    ``scale``).
+
+    With ``mean`` the batch mean rounded to the compute dtype, ``x - mean`` is exact for
+    values near it (0 on a constant channel, whose ``y`` is then ``shift = beta`` exactly)
+    and the product only rounds relative to ``|x - mean| * scale``: ``x * scale + shift``
+    would lose ``u * |mean| * scale`` to cancellation at large offsets.
+    """
     dtype = scale.dtype
+    mean3, scale3, shift3 = _per_channel(mean), _per_channel(scale), _per_channel(shift)
     scratch = np.empty(min(x3.size, _BLOCK_BYTES // dtype.itemsize), dtype)
     for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
         block, target = x3[rows, chans, cols], out3[rows, chans, cols]
         # Work in place in the output when it has the compute dtype; else in a scratch block.
         work = target if target.dtype == dtype else scratch[: block.size].reshape(block.shape)
-        # einsum's scaling loop, then an in-place broadcast add: the fastest per-channel
-        # affine map numpy offers (out-of-place broadcast arithmetic is ~2x slower).
-        np.einsum("rci,c->rci", block, scale[chans], out=work, dtype=dtype, casting="unsafe")
-        np.add(work, shift[chans][None, :, None], out=work)
+        if block.dtype != dtype:
+            np.copyto(work, block, casting="unsafe")  # float16/bfloat16 widen exactly
+            block = work
+        # One out-of-place op at most, then in-place ones (numpy's in-place broadcast
+        # arithmetic is ~2x faster than its out-of-place one).
+        np.subtract(block, mean3[:, chans], out=work)
+        np.multiply(work, scale3[:, chans], out=work)
+        np.add(work, shift3[:, chans], out=work)
         if work is not target:
             target[...] = work
 
 
 def _resolve(x, gamma, beta, running_mean, running_var, **kwargs) -> BatchNormArgs:
     return check_batch_norm_args(x, gamma, beta, running_mean, running_var, **kwargs,
-                                 inspect=_inspect, array_type=ARRAY_TYPE)
+                                 inspect=_inspect, array_type=ARRAY_TYPE, allow_empty=True)
+
+
+def _float64(value: np.ndarray | None, default: float, channels: int) -> np.ndarray:
+    return np.full(channels, default) if value is None else value.astype(np.float64)
 
 
 def batch_norm(
@@ -171,39 +237,100 @@ def batch_norm(
     one). ``momentum``, ``eps`` and ``axis`` default to the convention's. ``gamma``/``beta``
     may be ``None`` (scale 1, shift 0); running statistics both ``None`` means batch statistics
     in both modes and ``(y, None, None)`` back. Inputs are never modified; ``y`` has ``x``'s
-    dtype and the running statistics keep theirs.
+    dtype and the running statistics keep theirs. An empty ``x`` (a zero batch or spatial
+    size) gives an empty ``y`` and the running statistics unchanged, as in
+    ``torch.nn.BatchNorm*d``.
     """
     args = _resolve(x, gamma, beta, running_mean, running_var, training=training,
                     momentum=momentum, eps=eps, axis=axis, convention=convention)
+    y = np.empty(x.shape, x.dtype)
+    if args.count == 0:  # no value to take statistics of, none to normalise
+        if running_mean is None:
+            return y, None, None
+        return y, running_mean.copy(), running_var.copy()
     dtype = compute_dtype(x.dtype)
     x3 = _as_3d(x, args.axis)
+    channels = x3.shape[1]
     use_batch_stats = training or running_mean is None
     if use_batch_stats:
         mean, var = channel_moments(x3, dtype)
     else:
-        mean, var = running_mean.astype(dtype), running_var.astype(dtype)
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
 
-    # y = x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale:
-    # two passes over the data instead of three.
-    scale = 1.0 / np.sqrt(var + dtype.type(args.eps))
-    if gamma is not None:
-        scale = scale * gamma.astype(dtype)
-    shift = -mean * scale
-    if beta is not None:
-        shift = shift + beta.astype(dtype)
-    y = np.empty(x.shape, x.dtype)
+    # y = (x - hi) * scale + (beta - lo * scale), with mean = hi + lo split at the compute
+    # dtype: x - hi is exact near the mean, so a constant channel gives beta exactly and a
+    # large offset costs nothing. The per-channel constants are computed in float64 and
+    # rounded once.
+    hi, lo = _split(mean, dtype)
+    scale = _float64(gamma, 1.0, channels) / np.sqrt(var + args.eps)
+    shift = _float64(beta, 0.0, channels) - lo * scale
     # y's (outer, C, inner) view shares y's memory because y is fresh and contiguous.
-    _normalize(x3, scale, shift, _as_3d(y, args.axis))
+    _normalize(x3, hi, scale.astype(dtype), shift.astype(dtype), _as_3d(y, args.axis))
 
     if running_mean is None:
         return y, None, None
     if not training:
         return y, running_mean.copy(), running_var.copy()
-    conv, momentum_value = args.convention, dtype.type(args.momentum)
-    new_mean = conv.update_running(running_mean.astype(dtype), mean, momentum_value)
-    new_var = conv.update_running(running_var.astype(dtype),
+    # The recurrence in float64, rounded once to the running statistics' dtype.
+    conv, momentum_value = args.convention, np.float64(args.momentum)
+    new_mean = conv.update_running(running_mean.astype(np.float64), mean, momentum_value)
+    new_var = conv.update_running(running_var.astype(np.float64),
                                   conv.running_var_estimate(var, args.count), momentum_value)
     return y, new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
+
+
+def _gradient_sums(x3: np.ndarray, dy3: np.ndarray, hi: np.ndarray,
+                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - hi))`` in float64, block by block.
+
+    ``x - hi`` is exact near the mean; the products round once in ``dtype`` (an error
+    relative to each term, which averages out) and the sums are accumulated in float64, so
+    neither sum loses accuracy to the number of terms or to the offset of ``x``.
+    """
+    acc = np.dtype(np.float64)
+    channels = x3.shape[1]
+    dy_sum, dy_x_sum = np.zeros(channels, acc), np.zeros(channels, acc)
+    hi3 = _per_channel(hi)
+    size = min(x3.size, _BLOCK_BYTES // dtype.itemsize)
+    work, dy_scratch = np.empty(size, dtype), np.empty(size, dtype)
+    for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
+        block = x3[rows, chans, cols]
+        centred = work[: block.size].reshape(block.shape)
+        if block.dtype != dtype:
+            np.copyto(centred, block, casting="unsafe")
+            block = centred
+        np.subtract(block, hi3[:, chans], out=centred)
+        dy_block = _widened(dy3[rows, chans, cols], dy_scratch, dtype)
+        dy_sum[chans] += _channel_sums(dy_block, dtype=acc)
+        np.multiply(centred, dy_block, out=centred)
+        dy_x_sum[chans] += _channel_sums(centred, dtype=acc)
+    return dy_sum, dy_x_sum
+
+
+def _input_gradient(x3: np.ndarray, dy3: np.ndarray, hi: np.ndarray, dy_scale: np.ndarray,
+                    x_scale: np.ndarray, shift: np.ndarray, out3: np.ndarray) -> None:
+    """out = dy * dy_scale + (x - hi) * x_scale + shift per channel, block by block (in the
+    dtype of ``dy_scale``)."""
+    dtype = dy_scale.dtype
+    hi3, dy_scale3 = _per_channel(hi), _per_channel(dy_scale)
+    x_scale3, shift3 = _per_channel(x_scale), _per_channel(shift)
+    size = min(x3.size, _BLOCK_BYTES // dtype.itemsize)
+    scratch, dy_scratch = np.empty(size, dtype), np.empty(size, dtype)
+    for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
+        block, target = x3[rows, chans, cols], out3[rows, chans, cols]
+        work = target if target.dtype == dtype else scratch[: block.size].reshape(block.shape)
+        if block.dtype != dtype:
+            np.copyto(work, block, casting="unsafe")
+            block = work
+        np.subtract(block, hi3[:, chans], out=work)
+        np.multiply(work, x_scale3[:, chans], out=work)
+        np.add(work, shift3[:, chans], out=work)
+        dy_block = dy3[rows, chans, cols]
+        scaled_dy = dy_scratch[: block.size].reshape(block.shape)
+        np.multiply(dy_block, dy_scale3[:, chans], out=scaled_dy, casting="unsafe")
+        np.add(work, scaled_dy, out=work)
+        if work is not target:
+            target[...] = work
 
 
 def batch_norm_backward(
@@ -228,7 +355,7 @@ def batch_norm_backward(
     ``gamma`` is; ``dbeta`` is ``None`` when ``beta=None`` is passed, or when ``beta`` is
     omitted and ``gamma`` is ``None`` (no affine transform). ``eps``/``axis`` default to the
     convention's. ``dx`` has ``x``'s dtype; ``dgamma``/``dbeta`` have ``gamma``'s (else the
-    compute dtype).
+    compute dtype). An empty ``x`` gives an empty ``dx`` and zero ``dgamma``/``dbeta``.
     """
     args = _resolve(x, gamma, None, None, None, training=True, momentum=DEFAULT, eps=eps,
                     axis=axis, convention=convention)
@@ -236,18 +363,29 @@ def batch_norm_backward(
     has_beta = gamma is not None if beta is DEFAULT else beta is not None
     dtype = compute_dtype(x.dtype)
     param_dtype = dtype if gamma is None else gamma.dtype
-    x3, dy3 = _as_3d(x, args.axis).astype(dtype), _as_3d(dy, args.axis).astype(dtype)
-    mean, var = channel_moments(x3, dtype)
-    inv_std = (1.0 / np.sqrt(var + dtype.type(args.eps)))[None, :, None]
-    x_hat = (x3 - mean[None, :, None]) * inv_std
-    dbeta = dy3.sum(axis=(0, 2))
-    dgamma = (dy3 * x_hat).sum(axis=(0, 2))
-    scale = inv_std if gamma is None else gamma.astype(dtype)[None, :, None] * inv_std
-    n = dtype.type(args.count)
-    dx3 = scale * (dy3 - (dbeta / n)[None, :, None] - x_hat * (dgamma / n)[None, :, None])
+    dx = np.empty(x.shape, x.dtype)
+    x3, dy3 = _as_3d(x, args.axis), _as_3d(dy, args.axis)
+    channels = x3.shape[1]
+    if args.count == 0:  # nothing flows back; the parameters' sums are empty sums
+        dgamma = dbeta = np.zeros(channels, np.float64)
+    else:
+        mean, var = channel_moments(x3, dtype)
+        hi, lo = _split(mean, dtype)
+        inv_std = 1.0 / np.sqrt(var + args.eps)
+        # sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy): the exact centring of
+        # ((x - hi) - lo) without the per-value subtraction of lo.
+        dbeta, dy_x_sum = _gradient_sums(x3, dy3, hi, dtype)
+        dgamma = (dy_x_sum - lo * dbeta) * inv_std
+        # dx = k * dy - k * dbeta / n - (k * inv_std * dgamma / n) * ((x - hi) - lo), with
+        # k = gamma * inv_std: every per-channel constant in float64, rounded once.
+        n = float(args.count)
+        k = _float64(gamma, 1.0, channels) * inv_std
+        x_scale = -k * inv_std * dgamma / n
+        shift = -k * dbeta / n - x_scale * lo
+        _input_gradient(x3, dy3, hi, k.astype(dtype), x_scale.astype(dtype),
+                        shift.astype(dtype), _as_3d(dx, args.axis))
     return (
-        dx3.reshape(x.shape).astype(x.dtype),
+        dx,
         None if gamma is None else dgamma.astype(param_dtype),
         dbeta.astype(param_dtype) if has_beta else None,
     )
-

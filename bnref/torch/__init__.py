@@ -1,6 +1,6 @@
-"""bnref's PyTorch backend: ``batch_norm`` from primitive tensor ops and a drop-in layer."""
+"""bnref's PyTorch backend: ``batch_norm`` from primitive tensor ops and drop-in layers."""
 
 from bnref.torch.functional import batch_norm
-from bnref.torch.layer import BatchNorm
+from bnref.torch.layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm", "batch_norm"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm"]
