@@ -28,6 +28,7 @@ Never calls torch's batch-norm kernels, and never reads a tensor's value on the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -71,12 +72,19 @@ def _affine(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
     return torch.mul(t, scale, out=out).add_(shift)
 
 
-def _sum_of_squares(c: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Per-channel sum(c²). When the innermost axis is reduced, a 2-norm reduction reads ``c``
-    once with no full-size temporary (3x faster than square-then-sum on (64, 64, 56, 56));
-    when the channels are innermost, square-then-sum is the faster one."""
-    if c.ndim - 1 in dims and c.stride(-1) == 1:
-        return torch.linalg.vector_norm(c, dim=dims).square()
+def _sum_of_squares(c: torch.Tensor, axis: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-channel sum(c²).
+
+    Contiguous with the channels outside the innermost axis (NCHW): a 2-norm over the innermost
+    block of a (before, C, after) view, then a sum over ``before``; it reads ``c`` once with no
+    full-size temporary (8 ms against 69 ms for square-then-sum on (64, 64, 56, 56)) and is as
+    accurate. (A norm over several axes at once accumulates sequentially: 3e-6 relative error
+    at 64 * 16 * 16 values, against 1e-7 this way.) Otherwise square-then-sum.
+    """
+    after = math.prod(c.shape[axis + 1:])
+    if after > 1 and c.is_contiguous():
+        view = c.view(math.prod(c.shape[:axis]), c.shape[axis], after)
+        return torch.linalg.vector_norm(view, dim=2).square().sum(0)
     return torch.mul(c, c).sum(dims)
 
 
@@ -87,7 +95,7 @@ def _centered_moments(wide: torch.Tensor, dims: tuple[int, ...], axis: int):
     c = torch.sub(wide, _per_channel(m1, wide.ndim, axis))
     delta = c.sum(dims) / n
     c.sub_(_per_channel(delta, wide.ndim, axis))
-    var = _sum_of_squares(c, dims) / n
+    var = _sum_of_squares(c, axis, dims) / n
     return c, m1, delta, var
 
 
