@@ -16,7 +16,7 @@ from bnref._checks import check_layer_args
 from bnref.conventions import DEFAULT, Convention
 from bnref.torch.functional import _check, normalize, updated_running_stats
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "fuser_method_mapping"]
 
 
 class BatchNorm(_BatchNorm):
@@ -64,31 +64,37 @@ class BatchNorm(_BatchNorm):
         self.convention = args.convention
         self.axis = args.axis
 
+    _ranks: tuple[int, ...] = (2, 3, 4, 5)  # the functional check names a wrong rank
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        """Any rank from 2 to 5: the functional check names the argument when it is not."""
+        _check_rank(input, self._ranks)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx (symbolic_trace, FX quantization and fusion) keeps torch.nn's layers as
+            # leaves, called at run time; so is this one, rather than traced into Python
+            # control flow on shapes (and a training flag frozen at trace time).
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        _check_rank(input, self._ranks)
         tracking = self.training and self.track_running_stats
         # Eval with running statistics normalises with them; everything else with the batch's.
         use_running = not self.training and self.running_mean is not None
         given = tracking or use_running
-        args = _check(input, self.weight, self.bias,
-                      self.running_mean if given else None, self.running_var if given else None,
-                      training=not use_running, momentum=0.0, eps=self.eps, axis=self.axis,
-                      convention=self.convention)
+        args = _check(input, self.weight, self.bias, self.running_mean if given else None,
+                      self.running_var if given else None, training=not use_running,
+                      momentum=0.0, eps=self.eps, axis=self.axis, convention=self.convention)
         y, mean, var = normalize(input, self.weight, self.bias, self.running_mean,
                                  self.running_var, args, batch_stats=not use_running)
         if tracking:  # only after the input was accepted: a refused batch changes nothing
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 if mean is not None:  # an empty batch moves no statistic
-                    if self.momentum is None:
+                    momentum = self.momentum
+                    if momentum is None:
                         # The k-th batch gets weight 1/k, as a tensor: no read on the host.
-                        weight = 1.0 / self.num_batches_tracked.to(mean.dtype)
-                        momentum = self.convention.momentum_for_new_value_weight(weight)
-                    else:
-                        momentum = self.momentum
+                        new_weight = 1.0 / self.num_batches_tracked.to(mean.dtype)
+                        momentum = self.convention.momentum_for_new_value_weight(new_weight)
                     new_mean, new_var = updated_running_stats(
                         self.running_mean, self.running_var, mean, var, args, momentum)
                     self.running_mean.copy_(new_mean)
@@ -102,22 +108,46 @@ class BatchNorm(_BatchNorm):
 class BatchNorm1d(BatchNorm):
     """:class:`BatchNorm` for (N, C) or (N, C, L) input, as ``torch.nn.BatchNorm1d``."""
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+    _ranks = (2, 3)
 
 
 class BatchNorm2d(BatchNorm):
     """:class:`BatchNorm` for (N, C, H, W) input, as ``torch.nn.BatchNorm2d``."""
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    _ranks = (4,)
 
 
 class BatchNorm3d(BatchNorm):
     """:class:`BatchNorm` for (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``."""
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+    _ranks = (5,)
+
+
+def _check_rank(input: torch.Tensor, ranks: tuple[int, ...]) -> None:
+    """The built-ins' rank check and message (``BatchNorm1d/2d/3d``); any rank 2-5 passes
+    here for :class:`BatchNorm`, whose functional check names a wrong rank itself."""
+    if ranks != (2, 3, 4, 5) and input.dim() not in ranks:
+        expected = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+
+
+def fuser_method_mapping() -> dict:
+    """The conv/linear + batch-norm pairs of ``torch.ao.quantization.fuse_modules`` with bnref's
+    layers in place of the built-ins, to pass as
+    ``fuse_custom_config_dict={"additional_fuser_method_mapping": fuser_method_mapping()}``.
+
+    torch finds a fuser by the exact class, so its defaults cannot see subclasses. Folding a
+    batch norm into the preceding convolution uses only the inference formula, which every
+    convention shares; the channels must be on axis 1 (where a convolution puts them).
+    """
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
+
+    ours = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+            torch.nn.BatchNorm3d: BatchNorm3d}
+    mapping = {}
+    for pattern, fuser in _DEFAULT_OP_LIST_TO_FUSER_METHOD.items():
+        # Patterns that start with the batch norm build quantized BN modules: not ours.
+        if pattern[0] not in ours and any(op in ours for op in pattern):
+            for cls in (ours.get(pattern[1]), BatchNorm):
+                mapping[tuple(cls if op in ours else op for op in pattern)] = fuser
+    return mapping
