@@ -337,7 +337,7 @@ def _relative_errors(f, x, gamma, beta, dy, reference):
             for got, ref in zip((y, dx, dgamma), reference, strict=True)]
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e2, 1e3, 1e4])
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize("shape", [(64, 8, 16, 16), (4096, 16), (16, 4, 300)],
                          ids=["nchw", "nc", "ncl"])
 def test_float32_gradients_at_large_offsets_are_at_least_as_accurate_as_the_builtin(offset,
@@ -345,10 +345,11 @@ def test_float32_gradients_at_large_offsets_are_at_least_as_accurate_as_the_buil
     """x = offset + randn: the cancellation in sum(dy * x) - mean * sum(dy) would cost
     u * offset / sigma; bnref centres x (with a corrected mean) before every product.
 
-    The built-in accumulates its sums in float64, so where neither loses accuracy to the
-    offset both sit at float32's own floor, a unit roundoff or two of the largest value, and
-    which of the two is smaller there is a coin toss: bnref must be no worse than the built-in
-    or within that floor (2u relative to the largest value).
+    Where neither loses accuracy to the offset both sit at float32's own floor, a unit
+    roundoff or two of the largest value, and which of the two is smaller there is a coin
+    toss: bnref must be no worse than the built-in or within that floor (2u relative to the
+    largest value). (At offset 0 the CPU built-in's dgamma, a sum accumulated in float64, is
+    about twice as accurate as bnref's float32 sum: see the next test.)
     """
     x = offset + batch(*shape, seed=21)
     gamma, beta, dy = batch(shape[1], seed=22), batch(shape[1], seed=23), batch(*shape, seed=24)
@@ -360,6 +361,24 @@ def test_float32_gradients_at_large_offsets_are_at_least_as_accurate_as_the_buil
     floor = 2 * UNIT_ROUNDOFF["float32"]
     for what, mine, builtin in zip(("y", "dx", "dgamma"), ours, theirs, strict=True):
         assert mine <= max(builtin, floor), f"{what}: bnref {mine:.3g} > built-in {builtin:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(64, 8, 16, 16), (4096, 16), (16, 4, 300)],
+                         ids=["nchw", "nc", "ncl"])
+def test_float32_gradients_without_offset_are_within_the_derived_bound(shape):
+    """At offset 0 both are at float32's floor; bnref's sums are float32 (torch's CPU kernel
+    accumulates in float64, at the cost of a float64 reduction pass that is 8x slower in torch
+    ops), so its dgamma may be ~2x the built-in's there, and must stay within the bound."""
+    x = batch(*shape, seed=21)
+    gamma, beta, dy = batch(shape[1], seed=22), batch(shape[1], seed=23), batch(*shape, seed=24)
+    inputs = [t.double().requires_grad_() for t in (x, gamma, beta)]
+    expected = torch.autograd.grad(_theirs(*inputs), inputs, dy.double())
+    inputs32 = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    got = torch.autograd.grad(_ours(*inputs32), inputs32, dy)
+    bounds = gradient_tolerances(x.numpy(), dy.numpy(), 1, gamma=gamma.numpy(), eps=EPS,
+                                 param_dtype="float32")
+    for what, a, e, bound in zip(("dx", "dgamma", "dbeta"), got, expected, bounds, strict=True):
+        assert_close(a.numpy(), e.detach().numpy(), bound, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
