@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -27,21 +26,6 @@ from typing import Any
 from bnref.conventions import CONVENTIONS
 
 DEFAULT_EXAMPLES = 20
-
-
-def deciding_error(result: Any) -> float:
-    """|error| at the element that decides a comparison (its largest error/tolerance).
-
-    A ``Comparison`` keeps the tolerance and the ratio there (and the largest error of any
-    element, which may sit elsewhere); their product gives that element's error back to a
-    rounding. An infinite ratio (infinite error, zero tolerance, crash) says nothing finite of
-    it: then the comparison's largest error, which is still infinitely over that tolerance.
-    """
-    if math.isfinite(result.ratio):
-        error = result.ratio * result.tolerance
-        if math.isfinite(error):
-            return error
-    return result.max_error
 
 
 @dataclass
@@ -70,7 +54,7 @@ class Row:
             self.max_error = max(self.max_error, result.max_error)
             if result.ratio > self.ratio or (not result.passed and not self.detail):
                 self.ratio, self.tolerance = result.ratio, result.tolerance
-                self.error = deciding_error(result)
+                self.error = result.deciding_error
                 if not result.passed:
                     self.detail = str(result)
 

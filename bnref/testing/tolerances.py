@@ -229,6 +229,12 @@ class Comparison:
     tolerance: float  # the tolerance where error / tolerance is largest
     ratio: float  # max over elements of error / tolerance; <= 1 passes
     detail: str = ""
+    error: float | None = None  # |error| where error / tolerance is largest (None: max_error)
+
+    @property
+    def deciding_error(self) -> float:
+        """|error| of the element that decides the comparison (pairs with ``tolerance``)."""
+        return self.max_error if self.error is None else self.error
 
     @property
     def passed(self) -> bool:
@@ -263,7 +269,8 @@ def compare(actual, expected, tolerance, what: str) -> Comparison:
     worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
     detail = (f"  worst at index {tuple(int(i) for i in worst)}: got {a[worst]!r}, "
               f"expected {e[worst]!r}")
-    return Comparison(what, float(error.max()), float(tol[worst]), float(ratio[worst]), detail)
+    return Comparison(what, float(error.max()), float(tol[worst]), float(ratio[worst]), detail,
+                      error=float(error[worst]))
 
 
 def assert_close(actual, expected, tolerance, what: str) -> Comparison:
