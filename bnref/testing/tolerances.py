@@ -63,6 +63,8 @@ __all__ = [
     "compute_dtype_name",
     "forward_tolerance",
     "gradient_tolerances",
+    "model_tolerance",
+    "rounding_spread",
     "running_stat_tolerances",
 ]
 
@@ -218,6 +220,35 @@ def gradient_tolerances(
     dbeta_bound = n * d * (u * g + v_p) + TINY[param_dtype] + flushed
     k = SAFETY * factor
     return _per_channel(k * dx_bound, x.ndim, axis), k * dgamma_bound, k * dbeta_bound
+
+
+def rounding_spread(expected, reference) -> float:
+    """A whole network after several training steps: the reference's own rounding spread.
+
+    The bounds above cover one batch-norm call. Through a network and its optimizer steps each
+    layer's rounding is amplified by every later layer and step, and no first-order bound is
+    tight enough to be useful. So a model-level comparison measures how far the reference
+    implementation is from *itself* when evaluated in another, equally correct order (the
+    built-in model again in channels_last memory format: other kernels, other summation
+    orders): ``max |a - b| / max |a|`` over every floating array compared (dicts of name ->
+    float64 array). It must be nonzero, or the comparison would demand bit-identical results.
+    """
+    levels = []
+    for key, a in expected.items():
+        a, b = np.asarray(a, np.float64), np.asarray(reference[key], np.float64)
+        scale = np.abs(a).max() if a.size else 0.0
+        levels.append(float(np.abs(a - b).max() / scale) if scale else 0.0)
+    level = max(levels, default=0.0)
+    if not level > 0:
+        raise ValueError("the reference run rounds exactly like the first: no spread to scale by")
+    return level
+
+
+def model_tolerance(expected, spread: float, dtype: str, factor: float = 1.0) -> float:
+    """The bound for one array of a model-level comparison: :data:`SAFETY` times the
+    reference's own spread (:func:`rounding_spread`) at this array's scale, plus TINY."""
+    scale = float(np.abs(np.asarray(expected, np.float64)).max()) if np.size(expected) else 0.0
+    return SAFETY * factor * (spread * scale + TINY[dtype])
 
 
 @dataclass(frozen=True)
