@@ -11,13 +11,18 @@ Training, per channel ``c`` over every axis but the channel axis (``n`` values e
 where ``update`` and ``unbiased`` come from the convention (see :mod:`bnref.conventions`).
 Inference uses the running statistics instead of the batch ones.
 
-Numerics: statistics are accumulated in float32 for float16/bfloat16/float32 inputs and in
-float64 for float64 inputs. The variance is never E[x²]−E[x]² (in float32 that returns negative
-variances at offset 1e4): each cache-sized block is reduced two-pass and blocks are merged with
-Chan, Golub & LeVeque's pairwise update, which keeps the two-pass accuracy while reading ``x``
-from memory once. The output is then ``x * scale + shift`` per channel (``scale = gamma /
-sqrt(var + eps)``, ``shift = beta - mean * scale``): the same rounding order of magnitude as
-``(x - mean) * scale + beta`` (both lose ``u * |mean| * scale``), one pass fewer.
+Numerics. Statistics: each cache-sized block is reduced as shifted data about ``s``, a value
+of the compute dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 ones)
+close to the channel's mean: ``x - s`` is exact for values near it, so an offset costs nothing
+and a constant channel gives back its value exactly. The squares are summed with float64
+accumulation and blocks are merged with Chan, Golub & LeVeque's pairwise update in float64,
+which keeps the two-pass accuracy while reading ``x`` from memory once. The variance is never
+E[x²]−E[x]² (in float32 that returns negative variances at offset 1e4). The output is
+``(x - hi) * scale + (beta - lo * scale)`` per channel, with the float64 mean split as
+``hi + lo`` at the compute dtype: ``x - hi`` is again exact near the mean, so ``y`` is ``beta``
+exactly on a constant channel and loses nothing to an offset (``x * scale + shift`` would lose
+``u * |mean| * scale``). The backward pass centres, sums and forms ``dx`` in float64, so
+``dx``, ``dgamma`` and ``dbeta`` are off by little more than their final rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = ["batch_norm", "batch_norm_backward"]
 ARRAY_TYPE = "numpy.ndarray"
 _BLOCK_BYTES = 1 << 20  # a block of work stays in cache between the passes over it
 _MAX_RUN = 1 << 14  # the most values of one channel a block sums in one loop
+_ROW_RUN = 8  # without an inner axis, the rows einsum squares and sums before float64 does
 
 
 def _inspect(value: Any) -> tuple[tuple[int, ...], str] | None:
@@ -80,9 +86,9 @@ def _blocks(shape3: tuple[int, int, int], itemsize: int) -> Iterator[tuple[slice
 
 
 def _channel_sums(block: np.ndarray, other: np.ndarray | None = None,
-                  dtype: np.dtype | None = None) -> np.ndarray:
+                  dtype: Any = None) -> np.ndarray:
     """Per-channel sum of ``block`` (or of ``block * other``) over its rows and inner axis,
-    accumulated in ``dtype`` (default: the block's).
+    accumulated in ``dtype`` (by default the block's; einsum casts in buffers otherwise).
 
     einsum's summation loop is several times faster than ``ndarray.sum`` here but adds
     sequentially (in SIMD lanes) rather than pairwise, so blocks cap each channel's run at
@@ -97,7 +103,28 @@ def _channel_sums(block: np.ndarray, other: np.ndarray | None = None,
     per_row = (np.einsum("ri->r", flat, dtype=dtype) if other is None
                else np.einsum("ri,ri->r", flat, other.reshape(rows * channels, inner),
                               dtype=dtype))
-    return per_row.reshape(rows, channels).sum(axis=0)
+    return per_row if rows == 1 else per_row.reshape(rows, channels).sum(axis=0)
+
+
+def _sum_of_squares(block: np.ndarray) -> np.ndarray:
+    """Per-channel sum of ``block²`` over its rows and inner axis, in float64, accurate to
+    about a rounding of each square (``block`` may be overwritten).
+
+    Long float32 runs would lose ~u * sqrt(run) (10u for a row of 16384 values, where
+    PyTorch's cascade sums lose u). With an inner axis the squares are summed in float64
+    (einsum casts them in buffers). Without one, einsum's fused multiply-add loop sums runs
+    of _ROW_RUN rows and the runs' sums are added in float64: their errors (~u * sqrt(8)
+    relative each) average out, and it is ~2x faster than casting the block.
+    """
+    rows, channels, inner = block.shape
+    if inner > 1:
+        np.multiply(block, block, out=block)
+        return _channel_sums(block, dtype=np.float64)
+    flat = block.reshape(rows, channels)
+    head = rows - rows % _ROW_RUN
+    runs = flat[:head].reshape(-1, _ROW_RUN, channels)
+    total = np.einsum("abc,abc->ac", runs, runs).sum(axis=0, dtype=np.float64)
+    return total + np.einsum("rc,rc->c", flat[head:], flat[head:])
 
 
 def _widened(block: np.ndarray, scratch: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -113,56 +140,74 @@ def _widened(block: np.ndarray, scratch: np.ndarray, dtype: np.dtype) -> np.ndar
 def channel_moments(x3: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance of (outer, C, inner) data, both in float64.
 
-    ``dtype`` is the compute dtype the blocks are centred in. Each block is reduced two-pass
-    (mean, then the sum of squared deviations from it) while it sits in cache; blocks are
-    merged with Chan, Golub & LeVeque's pairwise update, in float64.
+    ``dtype`` is the compute dtype the blocks are reduced in. Each block is reduced while it
+    sits in cache, as shifted data about ``s`` (a value of ``dtype``)::
 
-    The block mean is exact enough that a constant channel gets its value back exactly:
+        d = sum(x - s) / count,    block mean = s + d,    block m2 = sum((x - s)²) - count * d²
 
-    * float32 blocks (float16/bfloat16 widened) are summed in float64. A block sums at most
-      _MAX_RUN = 2^14 values of a channel, so n equal float32 values sum exactly (24 + 14 bits
-      < 53) and the division returns the value itself.
-    * float64 blocks have no wider type. Their mean ``m`` is corrected by the mean of the
-      residuals ``x - m``: those are exact (Sterbenz) and, on a constant channel, n copies of
-      one small multiple of ulp(m) whose sum is exact too, so ``m + sum(x - m) / n`` is the
-      value exactly. Elsewhere the correction is the classic corrected two-pass algorithm.
+    and blocks are merged with Chan, Golub & LeVeque's pairwise update, in float64.
 
-    Either way the block's sum of squares is taken about the mean rounded to ``dtype``
-    (``hi``), where ``x - hi`` is exact for values near the mean, and moved to the exact mean
-    with ``m2 = sum((x - hi)²) - count * (mean - hi)²``.
+    In a channel's first block ``s`` is its first value, moved by the block's mean deviation
+    from it (one more pass over that block); after it, that block's mean rounded to ``dtype``.
+    ``x - s`` is then exact for values near the mean, and 0 for values equal to ``s``: a
+    constant channel gets its value back exactly, in every dtype and without a wider
+    accumulator, and an offset costs nothing, as the sums only see the spread. ``d`` is summed
+    in ``dtype`` (its error is a fraction of the spread, not of the offset); the squares are
+    summed with float64 accumulation (:func:`_sum_of_squares`), so the variance does not lose
+    accuracy to the count. When ``s`` turns out far from a block's mean (``|d|`` over ~1/2 of
+    the block's standard deviation: drifting data; sampling noise puts it near
+    ``1/sqrt(count)`` of it), subtracting ``count * d²`` would start to cancel, and the block
+    is reduced again about ``s + d``.
     """
     acc = np.dtype(np.float64)
     channels = x3.shape[1]
+    # A channel's mean is origin + mean: origin is its first block's mean rounded to dtype
+    # (the shift of its later blocks), and merging relative to it keeps the merge's roundings
+    # at the size of the spread rather than of the offset.
+    origin = np.zeros(channels, dtype)
     mean = np.zeros(channels, acc)
     m2 = np.zeros(channels, acc)
     seen = np.zeros(channels, acc)
     scratch = np.empty(min(x3.size, _BLOCK_BYTES // dtype.itemsize), dtype)
+    widens = x3.dtype != dtype  # float16/bfloat16: each block is widened into the scratch
     for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
         block = _widened(x3[rows, chans, cols], scratch, dtype)
         work = scratch[: block.size].reshape(block.shape)
         count = block.shape[0] * block.shape[2]
-        block_mean = _channel_sums(block, dtype=acc) / count
-        hi = block_mean.astype(dtype)
-        # Out of place when block is x itself; in place (~2x faster) when it is the scratch.
-        np.subtract(block, hi[None, :, None], out=work)
-        if dtype == acc:
-            residual = _channel_sums(work) / count
-            block_mean = hi + residual
-        else:
-            residual = block_mean - hi  # exact: both are float64 and within an ulp of hi
-        # Squares round once each (a relative error, never a cancellation); their sum is
-        # accumulated in float64, so the variance does not lose accuracy to the run length.
-        np.multiply(work, work, out=work)
-        block_m2 = _channel_sums(work, dtype=acc) - count * (residual * residual)
-        # Chan et al.: merge (seen, mean, m2) with (count, block_mean, block_m2).
+        # _blocks walks the rows in order: a block holds the first values of all its
+        # channels or of none.
+        first = seen[chans][0] == 0
+        shift = block[0, :, 0].copy() if first else origin[chans]
+        moved = False  # whether shift left origin (drifting data)
+        for attempt in range(3):
+            # Out of place when block is x itself; in place (~2x faster) when it is the
+            # scratch, which then needs widening again before the next attempt.
+            if attempt and widens:
+                block = _widened(x3[rows, chans, cols], scratch, dtype)
+            np.subtract(block, shift[None, :, None], out=work)
+            offset = _channel_sums(work).astype(acc) / count
+            if first and attempt == 0:  # the first value may sit anywhere in the spread
+                shift = (shift + offset).astype(dtype)
+                continue
+            squares = _sum_of_squares(work)
+            if attempt == 2 or not (4 * count * (offset * offset) > squares).any():
+                break
+            shift, moved = (shift + offset).astype(dtype), True  # centre on the block
+        block_m2 = squares - count * (offset * offset)
+        if first:
+            origin[chans], mean[chans], m2[chans], seen[chans] = shift, offset, block_m2, count
+            continue
+        # Chan et al.: merge (seen, mean, m2) with (count, block_mean, block_m2). shift and
+        # origin are values of dtype close together: their difference is exact in float64.
+        block_mean = (shift - origin[chans].astype(acc)) + offset if moved else offset
         before = seen[chans]
-        total = before + count
+        weight = count / (before + count)
         delta = block_mean - mean[chans]
-        mean[chans] += delta * (count / total)
-        m2[chans] += block_m2 + delta * delta * (before * (count / total))
-        seen[chans] = total
+        mean[chans] += delta * weight
+        m2[chans] += block_m2 + delta * delta * (before * weight)
+        seen[chans] += count
     # Rounding can leave a constant channel's m2 a hair below 0; the variance is not.
-    return mean, np.maximum(m2 / seen, 0.0)
+    return origin + mean, np.maximum(m2 / seen, 0.0)
 
 
 def _split(value: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -279,58 +324,58 @@ def batch_norm(
     return y, new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
 
 
-def _gradient_sums(x3: np.ndarray, dy3: np.ndarray, hi: np.ndarray,
-                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - hi))`` in float64, block by block.
+def _gradient_sums(x3: np.ndarray, dy3: np.ndarray,
+                   mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``, block by block in float64.
 
-    ``x - hi`` is exact near the mean; the products round once in ``dtype`` (an error
-    relative to each term, which averages out) and the sums are accumulated in float64, so
-    neither sum loses accuracy to the number of terms or to the offset of ``x``.
+    In float64 the centring, the products (of float32 values: exact) and the sums lose
+    nothing that matters, at any offset or count: ``dgamma`` is then only off by the final
+    rounding to its dtype, where float32 sums would add a few more of its ulps.
     """
-    acc = np.dtype(np.float64)
+    wide = np.dtype(np.float64)
     channels = x3.shape[1]
-    dy_sum, dy_x_sum = np.zeros(channels, acc), np.zeros(channels, acc)
-    hi3 = _per_channel(hi)
-    size = min(x3.size, _BLOCK_BYTES // dtype.itemsize)
-    work, dy_scratch = np.empty(size, dtype), np.empty(size, dtype)
-    for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
-        block = x3[rows, chans, cols]
-        centred = work[: block.size].reshape(block.shape)
-        if block.dtype != dtype:
-            np.copyto(centred, block, casting="unsafe")
-            block = centred
-        np.subtract(block, hi3[:, chans], out=centred)
-        dy_block = _widened(dy3[rows, chans, cols], dy_scratch, dtype)
-        dy_sum[chans] += _channel_sums(dy_block, dtype=acc)
-        np.multiply(centred, dy_block, out=centred)
-        dy_x_sum[chans] += _channel_sums(centred, dtype=acc)
+    dy_sum, dy_x_sum = np.zeros(channels, wide), np.zeros(channels, wide)
+    mean3 = _per_channel(mean)
+    size = min(x3.size, _BLOCK_BYTES // wide.itemsize)
+    scratch, dy_scratch = np.empty(size, wide), np.empty(size, wide)
+    for rows, chans, cols in _blocks(x3.shape, wide.itemsize):
+        block = _widened(x3[rows, chans, cols], scratch, wide)
+        centred = scratch[: block.size].reshape(block.shape)
+        np.subtract(block, mean3[:, chans], out=centred)
+        dy_block = _widened(dy3[rows, chans, cols], dy_scratch, wide)
+        dy_sum[chans] += _channel_sums(dy_block)
+        dy_x_sum[chans] += _channel_sums(centred, dy_block)
     return dy_sum, dy_x_sum
 
 
-def _input_gradient(x3: np.ndarray, dy3: np.ndarray, hi: np.ndarray, dy_scale: np.ndarray,
+def _input_gradient(x3: np.ndarray, dy3: np.ndarray, mean: np.ndarray, dy_scale: np.ndarray,
                     x_scale: np.ndarray, shift: np.ndarray, out3: np.ndarray) -> None:
-    """out = dy * dy_scale + (x - hi) * x_scale + shift per channel, block by block (in the
-    dtype of ``dy_scale``)."""
-    dtype = dy_scale.dtype
-    hi3, dy_scale3 = _per_channel(hi), _per_channel(dy_scale)
+    """out = dy * dy_scale + (x - mean) * x_scale + shift per channel, block by block, in
+    float64 and rounded once to ``out``'s dtype.
+
+    ``dy * dy_scale`` is most of ``dx``: in float32 it and the sum would round twice at
+    ``dx``'s size (plus ``dy_scale``'s own rounding), as many times as PyTorch's kernel
+    rounds. In float64 only the final rounding is left.
+    """
+    wide = np.dtype(np.float64)
+    mean3, dy_scale3 = _per_channel(mean), _per_channel(dy_scale)
     x_scale3, shift3 = _per_channel(x_scale), _per_channel(shift)
-    size = min(x3.size, _BLOCK_BYTES // dtype.itemsize)
-    scratch, dy_scratch = np.empty(size, dtype), np.empty(size, dtype)
-    for rows, chans, cols in _blocks(x3.shape, dtype.itemsize):
-        block, target = x3[rows, chans, cols], out3[rows, chans, cols]
-        work = target if target.dtype == dtype else scratch[: block.size].reshape(block.shape)
-        if block.dtype != dtype:
-            np.copyto(work, block, casting="unsafe")
-            block = work
-        np.subtract(block, hi3[:, chans], out=work)
+    size = min(x3.size, _BLOCK_BYTES // wide.itemsize)
+    scratch, dy_scratch = np.empty(size, wide), np.empty(size, wide)
+    for rows, chans, cols in _blocks(x3.shape, wide.itemsize):
+        block = _widened(x3[rows, chans, cols], scratch, wide)
+        work = scratch[: block.size].reshape(block.shape)
+        np.subtract(block, mean3[:, chans], out=work)
         np.multiply(work, x_scale3[:, chans], out=work)
         np.add(work, shift3[:, chans], out=work)
         dy_block = dy3[rows, chans, cols]
         scaled_dy = dy_scratch[: block.size].reshape(block.shape)
-        np.multiply(dy_block, dy_scale3[:, chans], out=scaled_dy, casting="unsafe")
+        if dy_block.dtype != wide:
+            np.copyto(scaled_dy, dy_block, casting="unsafe")
+            dy_block = scaled_dy
+        np.multiply(dy_block, dy_scale3[:, chans], out=scaled_dy)  # never in place in dy
         np.add(work, scaled_dy, out=work)
-        if work is not target:
-            target[...] = work
+        out3[rows, chans, cols] = work
 
 
 def batch_norm_backward(
@@ -370,20 +415,15 @@ def batch_norm_backward(
         dgamma = dbeta = np.zeros(channels, np.float64)
     else:
         mean, var = channel_moments(x3, dtype)
-        hi, lo = _split(mean, dtype)
         inv_std = 1.0 / np.sqrt(var + args.eps)
-        # sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy): the exact centring of
-        # ((x - hi) - lo) without the per-value subtraction of lo.
-        dbeta, dy_x_sum = _gradient_sums(x3, dy3, hi, dtype)
-        dgamma = (dy_x_sum - lo * dbeta) * inv_std
-        # dx = k * dy - k * dbeta / n - (k * inv_std * dgamma / n) * ((x - hi) - lo), with
-        # k = gamma * inv_std: every per-channel constant in float64, rounded once.
+        dbeta, dy_x_sum = _gradient_sums(x3, dy3, mean)
+        dgamma = dy_x_sum * inv_std
+        # dx = k * dy - k * dbeta / n - (k * inv_std * dgamma / n) * (x - mean), with
+        # k = gamma * inv_std.
         n = float(args.count)
         k = _float64(gamma, 1.0, channels) * inv_std
         x_scale = -k * inv_std * dgamma / n
-        shift = -k * dbeta / n - x_scale * lo
-        _input_gradient(x3, dy3, hi, k.astype(dtype), x_scale.astype(dtype),
-                        shift.astype(dtype), _as_3d(dx, args.axis))
+        _input_gradient(x3, dy3, mean, k, x_scale, -k * dbeta / n, _as_3d(dx, args.axis))
     return (
         dx,
         None if gamma is None else dgamma.astype(param_dtype),
