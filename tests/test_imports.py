@@ -43,3 +43,14 @@ def test_a_backend_imports_only_its_own_framework(name):
     loaded = loaded_frameworks(f"import {info.module}")
     assert own <= loaded, f"{info.module} did not load {own}"
     assert loaded <= allowed, f"{info.module} also loaded {sorted(loaded - allowed)}"
+
+
+@pytest.mark.parametrize(("module", "loads_flax"), [("bnref.jax", False), ("bnref.jax.flax", True)],
+                         ids=["bnref.jax", "bnref.jax.flax"])
+def test_flax_is_loaded_only_by_the_opt_in_bnref_jax_flax(module, loads_flax):
+    backend_or_skip("jax")
+    if loads_flax:
+        pytest.importorskip("flax")
+    loaded = loaded_frameworks(f"import {module}")
+    assert ("flax" in loaded) is loads_flax, f"import {module} loaded {sorted(loaded)}"
+    assert loaded <= {"jax", "flax"}, f"import {module} also loaded {sorted(loaded)}"

@@ -4,6 +4,7 @@ layer that works under jit, and where Flax's default fast variance goes wrong.""
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -149,3 +150,125 @@ def test_vjp_and_grad_agree():
     gx, ggamma = jax.grad(lambda x, g: jnp.sum(forward(x, g) * dy), argnums=(0, 1))(x, gamma)
     assert_close(np.asarray(dx), np.asarray(gx), 1e-12, "dx")
     assert_close(np.asarray(dgamma), np.asarray(ggamma), 1e-12, "dgamma")
+
+
+# --- numpy arrays (and whatever else jax.numpy's operations take) in, as Flax takes them -------
+
+def _case(dtype: str = "float32") -> dict[str, np.ndarray]:
+    """A batch and every per-channel array, as numpy arrays (a checkpoint loaded with np.load)."""
+    rng = np.random.default_rng(5)
+    return {"x": rng.normal(2, 3, (6, 4, 3)).astype(dtype),
+            "gamma": rng.normal(1, 0.5, 3).astype(dtype),
+            "beta": rng.normal(0, 1, 3).astype(dtype),
+            "running_mean": rng.normal(0, 1, 3).astype(dtype),
+            "running_var": rng.uniform(0.5, 2, 3).astype(dtype)}
+
+
+def _assert_identical(got, expected, what: str) -> None:
+    """Converting with jnp.asarray first is all that happens to a numpy argument: the same
+    compiled computation on the same values, so the results are equal, not merely close."""
+    got_leaves, expected_leaves = jax.tree.leaves(got), jax.tree.leaves(expected)
+    assert jax.tree.structure(got) == jax.tree.structure(expected), what
+    for have, want in zip(got_leaves, expected_leaves, strict=True):
+        assert isinstance(have, jax.Array), f"{what}: {type(have).__name__} returned"
+        assert have.dtype == want.dtype, f"{what}: dtype {have.dtype} != {want.dtype}"
+        np.testing.assert_array_equal(np.asarray(have), np.asarray(want), err_msg=what)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("where", ["eager", "jit"])
+def test_batch_norm_takes_numpy_arrays(where, dtype, training):
+    case = _case(dtype)
+    names = ("gamma", "beta", "running_mean", "running_var")
+
+    def run(arrays):
+        # Under jit the per-channel arrays are numpy constants inside the trace, x an argument.
+        def call(x):
+            return bj.batch_norm(x, *(arrays[n] for n in names), training=training, axis=-1,
+                                 convention="flax")
+        return jax.jit(call)(arrays["x"]) if where == "jit" else call(arrays["x"])
+
+    expected = run({k: jnp.asarray(v) for k, v in case.items()})
+    _assert_identical(run(case), expected, f"numpy arrays, {where}")
+
+
+@pytest.mark.parametrize("momentum", [0.9, None], ids=["ema", "cumulative"])
+@pytest.mark.parametrize("where", ["eager", "jit"])
+def test_layer_apply_takes_numpy_variables(where, momentum):
+    case = _case()
+    layer = bj.BatchNorm(momentum=momentum, convention="flax")
+    variables = layer.init(case["x"])
+    variables = {"params": {"scale": jnp.asarray(case["gamma"]), "bias": jnp.asarray(case["beta"])},
+                 "batch_stats": {**variables["batch_stats"],
+                                 "mean": jnp.asarray(case["running_mean"]),
+                                 "var": jnp.asarray(case["running_var"])}}
+    loaded = jax.tree.map(np.asarray, variables)  # as a checkpoint restores them
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(loaded))
+
+    def run(variables, training):
+        def call(x):  # under jit the numpy variables are constants inside the trace
+            return layer.apply(variables, x, training=training)
+        return jax.jit(call)(case["x"]) if where == "jit" else call(case["x"])
+
+    for training in (True, False):
+        y, updated = run(loaded, training)
+        y_expected, expected = run(variables, training)
+        _assert_identical(y, y_expected, f"y, training={training}")
+        if training:
+            _assert_identical(updated["batch_stats"], expected["batch_stats"], "batch_stats")
+        elif where == "eager":  # (jit returns its outputs as new arrays)
+            assert updated is loaded, "inference returns the variables it was given"
+    _assert_identical(jax.tree.map(jnp.asarray, layer.init(case["x"])),
+                      layer.init(jnp.asarray(case["x"])), "init from a numpy sample")
+
+
+def _torch_tensor():
+    torch = pytest.importorskip("torch")
+    return torch.ones((4, 3))
+
+
+_FLOATING_NAMES = "float16, bfloat16, float32, float64"
+REFUSED = {
+    # JAX's own operations refuse these (jnp.add(torch.ones(3), 1) raises; flax.linen.BatchNorm
+    # too): bnref's TypeError names the argument.
+    "torch-tensor": (_torch_tensor, "must be a jax.Array or numpy.ndarray, got torch.Tensor"),
+    "list-of-str": (lambda: [["a", "b", "c"]] * 4,
+                    "must be a jax.Array or numpy.ndarray, got builtins.list"),
+    # jnp.asarray takes a list of floats, but jax.numpy's operations do not (jax-ml/jax#7737)
+    # and neither does flax.linen.BatchNorm; the shared suite's not-an-array mistake is one.
+    "list-of-float": (lambda: [[1.0, 2.0, 3.0]] * 4,
+                      "must be a jax.Array or numpy.ndarray, got builtins.list"),
+    "int64-numpy": (lambda: np.ones((4, 3), np.int64),
+                    f"must have a floating dtype ({_FLOATING_NAMES}), got int64"),
+    "str-numpy": (lambda: np.full((4, 3), "a"),
+                  f"must have a floating dtype ({_FLOATING_NAMES}), got str32"),
+    "bool-numpy": (lambda: np.ones((4, 3), bool),
+                   f"must have a floating dtype ({_FLOATING_NAMES}), got bool"),
+}
+
+
+@pytest.mark.parametrize("argument", ["x", "gamma", "running_var"])
+@pytest.mark.parametrize("refused", list(REFUSED))
+def test_types_jax_refuses_get_the_type_error_naming_the_argument(refused, argument):
+    make, message = REFUSED[refused]
+    value = make()
+    if argument != "x":  # a per-channel argument: the same kind of value, shaped (3,)
+        value = value[0]
+    arrays = {k: jnp.asarray(v) for k, v in _case().items()}
+    arrays["x"] = arrays["x"][:, 0]  # (6, 3): channels last
+    arrays[argument] = value
+    with pytest.raises(TypeError) as raised:
+        bj.batch_norm(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"],
+                      arrays["running_var"], training=True, axis=-1, convention="flax")
+    assert str(raised.value) == f"{argument} {message}"
+
+
+@pytest.mark.parametrize("refused", ["torch-tensor", "list-of-float", "int64-numpy"])
+def test_layer_refuses_what_jax_refuses_in_its_variables(refused):
+    make, message = REFUSED[refused]
+    layer = bj.BatchNorm(3)
+    variables = layer.init()
+    variables["batch_stats"]["var"] = make()[0]
+    with pytest.raises(TypeError, match=re.escape(f"running_var {message}")):
+        layer.apply(variables, jnp.ones((4, 3), jnp.float32), training=True)

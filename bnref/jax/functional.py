@@ -12,6 +12,13 @@ Inference uses the running statistics. float16/bfloat16 inputs are computed in f
 float64 (with ``jax_enable_x64``) in float64. Gradients come from JAX's autodiff of these
 operations. Unlike Flax's default ``use_fast_variance=True`` (E[x²]−E[x]²), the variance here
 stays accurate at large offsets.
+
+Arrays may be anything JAX's own operations take as an array (``jax.numpy``'s
+``check_arraylike``): JAX arrays and tracers, numpy arrays and scalars (weights loaded from a
+checkpoint), Python numbers, objects with ``__jax_array__``. They are converted with
+``jnp.asarray``, so a float64 numpy array becomes float32 unless ``jax_enable_x64`` is set, as
+everywhere in JAX. Lists, tuples and other frameworks' tensors are refused with bnref's
+``TypeError``, as ``jnp.add`` and ``flax.linen.BatchNorm`` refuse them.
 """
 
 from __future__ import annotations
@@ -21,19 +28,44 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 
 from bnref._checks import check_batch_norm_args
 from bnref.conventions import DEFAULT, Convention, get_convention
 
 __all__ = ["batch_norm"]
 
-ARRAY_TYPE = "jax.Array"
+ARRAY_TYPE = "jax.Array or numpy.ndarray"
 
 
-def _inspect(value: Any) -> tuple[tuple[int, ...], str] | None:
-    if not isinstance(value, jax.Array):
+def _is_array_like(value: Any) -> bool:
+    """What ``jnp.add`` takes as an array: ``jax.typing.ArrayLike`` (JAX arrays and tracers,
+    numpy arrays and scalars, Python numbers) or an object with ``__jax_array__``. Not lists
+    or tuples: jax.numpy refuses them since converting element by element hides a performance
+    trap (jax-ml/jax#7737)."""
+    return isinstance(value, ArrayLike) or hasattr(value, "__jax_array__")
+
+
+def describe_array(value: Any) -> tuple[tuple[int, ...], str] | None:
+    """``(shape, dtype name)`` of what JAX takes as an array, else None (for validation)."""
+    if not _is_array_like(value):
         return None
-    return tuple(value.shape), jnp.dtype(value.dtype).name
+    if isinstance(value, (np.ndarray, np.generic)):
+        # numpy's own dtype, before conversion: the message names the dtype that was passed
+        # (int64 stays int64 without x64), and dtypes JAX cannot hold (str, object) get the
+        # dtype error rather than JAX's conversion error.
+        return tuple(value.shape), value.dtype.name
+    array = value if isinstance(value, jax.Array) else jnp.asarray(value)
+    return tuple(array.shape), jnp.dtype(array.dtype).name
+
+
+def as_jax(value: Any) -> Any:
+    """``value`` as a ``jax.Array`` when JAX takes it as one (see :func:`_is_array_like`);
+    anything else unchanged, for validation to refuse by name."""
+    if value is None or isinstance(value, jax.Array) or not _is_array_like(value):
+        return value
+    return jnp.asarray(value)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -47,11 +79,11 @@ def _per_channel(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
 
 
 def batch_norm(
-    x: jax.Array,
-    gamma: jax.Array | None,
-    beta: jax.Array | None,
-    running_mean: jax.Array | None,
-    running_var: jax.Array | None,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    running_mean: ArrayLike | None,
+    running_var: ArrayLike | None,
     *,
     training: bool,
     momentum: float = DEFAULT,  # type: ignore[assignment]
@@ -69,10 +101,15 @@ def batch_norm(
     ``momentum``, ``eps``, ``axis`` and ``convention`` are validated as Python values: pass
     them through ``functools.partial`` or ``static_argnames`` under an outer ``jit``. The math
     itself is jitted once per shapes and flags, with ``eps`` and ``momentum`` traced.
+
+    The arrays may also be numpy arrays (or anything else ``jnp.add`` takes); they are
+    converted with ``jnp.asarray``, and the statistics come back as ``jax.Array``.
     """
     args = check_batch_norm_args(x, gamma, beta, running_mean, running_var, training=training,
                                  momentum=momentum, eps=eps, axis=axis, convention=convention,
-                                 inspect=_inspect, array_type=ARRAY_TYPE)
+                                 inspect=describe_array, array_type=ARRAY_TYPE)
+    x, gamma, beta, running_mean, running_var = (
+        as_jax(value) for value in (x, gamma, beta, running_mean, running_var))
     return _normalise(x, gamma, beta, running_mean, running_var, args.eps, args.momentum,
                       training=training, axis=args.axis, convention=args.convention.name)
 

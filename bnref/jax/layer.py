@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from bnref._checks import check_bool, check_layer_args
 from bnref.conventions import DEFAULT, Convention
-from bnref.jax.functional import batch_norm
+from bnref.jax.functional import ArrayLike, as_jax, batch_norm
 
 __all__ = ["BatchNorm"]
 
@@ -76,9 +76,11 @@ class BatchNorm:
                 variables["batch_stats"]["num_batches_tracked"] = jnp.zeros((), jnp.int32)
         return variables
 
-    def apply(self, variables: Variables, x: jax.Array, *,
+    def apply(self, variables: Variables, x: ArrayLike, *,
               training: bool) -> tuple[jax.Array, Variables]:
-        """``(y, new_variables)``; the variables passed in are not modified."""
+        """``(y, new_variables)``; the variables passed in are not modified. ``x`` and the
+        variables may be numpy arrays (a checkpoint loaded as numpy), as Flax takes them; the
+        ``batch_stats`` returned are ``jax.Array``."""
         params = variables.get("params", {})
         stats = variables.get("batch_stats")
         tracking = training and stats is not None
@@ -101,13 +103,15 @@ class BatchNorm:
             return y, variables
         new_stats = {**stats}
         if cumulative:
-            count = stats.get("num_batches_tracked", jnp.zeros((), jnp.int32)) + 1
+            # batch_norm has validated the statistics; they may still be numpy arrays here.
+            old_mean, old_var = as_jax(stats["mean"]), as_jax(stats["var"])
+            count = jnp.asarray(stats.get("num_batches_tracked", jnp.zeros((), jnp.int32))) + 1
             weight = 1.0 / count.astype(new_mean.dtype)
             # (1 - w) * old + w * batch, as PyTorch writes it: exact when w = 1 (the first
             # batch), where old + (batch - old) * w would round old's size into the result.
-            new_mean = (1.0 - weight) * stats["mean"] + weight * new_mean
-            new_var = (1.0 - weight) * stats["var"] + weight * new_var
+            new_mean = ((1.0 - weight) * old_mean + weight * new_mean).astype(old_mean.dtype)
+            new_var = ((1.0 - weight) * old_var + weight * new_var).astype(old_var.dtype)
             new_stats["num_batches_tracked"] = count
-        new_stats["mean"] = new_mean.astype(stats["mean"].dtype)
-        new_stats["var"] = new_var.astype(stats["var"].dtype)
+        # batch_norm returns the statistics in the dtype they came in (as jnp.asarray made it).
+        new_stats["mean"], new_stats["var"] = new_mean, new_var
         return y, {**variables, "batch_stats": new_stats}
