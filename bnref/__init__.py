@@ -6,8 +6,10 @@ variance feeds the running variance) live in :mod:`bnref.conventions`.
 """
 
 from bnref.conventions import (
+    ALL_CONVENTIONS,
     CONVENTIONS,
     DEFAULT,
+    LIBRARY_CONVENTIONS,
     Convention,
     convert_momentum,
     get_convention,
@@ -17,8 +19,10 @@ from bnref.conventions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_CONVENTIONS",
     "CONVENTIONS",
     "DEFAULT",
+    "LIBRARY_CONVENTIONS",
     "Convention",
     "__version__",
     "convert_momentum",

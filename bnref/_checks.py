@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bnref.conventions import DEFAULT, Convention, get_convention
+from bnref.conventions import DEFAULT, Convention, default_momentum, get_convention
 
 FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MIN_RANK, MAX_RANK = 2, 5
@@ -88,11 +88,16 @@ def check_momentum(momentum: Any, *, allow_none: bool) -> float | None:
             "momentum must be a float in [0, 1], got None: the cumulative average needs the "
             "batch counter of a layer (BatchNorm(momentum=None))"
         )
-    if not _is_real(momentum):
-        raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    if not 0.0 <= float(momentum) <= 1.0:  # NaN fails this too
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-    return float(momentum)
+    return check_fraction("momentum", momentum)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """``value`` is a real number in [0, 1] (a momentum, or another averaging weight)."""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails this too
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -141,11 +146,17 @@ def check_batch_norm_args(
     if 0 in x_shape and not allow_empty:
         raise ValueError(f"x must hold at least one value per channel, got shape {x_shape}")
     conv = get_convention(convention)
+    if not conv.is_plain:
+        raise ValueError(
+            f"convention {conv.name!r} {conv.rule_description}, which batch_norm does not run: "
+            f"use bnref.numpy.BatchNorm(convention={conv.name!r}), or "
+            f"convention=get_convention({conv.name!r}).plain() for one step of its stored "
+            "moving average"
+        )
     channel_axis = check_axis(conv.default_axis if axis is None else axis, ndim)
     resolved_eps = conv.default_eps if eps is None else check_eps(eps)
-    resolved_momentum = (
-        conv.default_momentum if momentum is DEFAULT else check_momentum(momentum, allow_none=False)
-    )
+    resolved_momentum = (default_momentum(conv) if momentum is DEFAULT
+                         else check_momentum(momentum, allow_none=False))
     training = check_bool("training", training)
 
     num_channels = x_shape[channel_axis]
@@ -208,21 +219,83 @@ class LayerArgs:
 
 def check_layer_args(
     num_features: Any, *, momentum: Any, eps: Any, convention: Any, axis: Any = None,
-    features_optional: bool = False,
+    features_optional: bool = False, library_rules: bool = False,
 ) -> LayerArgs:
     """Validate a layer constructor's arguments; an omitted momentum, eps or axis is the
     convention's. With ``features_optional``, ``num_features=None`` means "taken from the first
-    input" (Keras, Gluon, Flax layers)."""
+    input" (Keras, Gluon, Flax layers). ``library_rules``: the layer runs the conventions
+    whose rules go beyond the plain moving average (first-batch seeding, zero-debiasing,
+    training normalised with the running statistics: only ``bnref.numpy.BatchNorm`` does);
+    other layers refuse them."""
     if not (features_optional and num_features is None) and (
             _is_bool(num_features) or not isinstance(num_features, numbers.Integral)
             or num_features < 1):
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
     conv = get_convention(convention)
+    if not conv.is_plain and not library_rules:
+        raise ValueError(
+            f"convention {conv.name!r} {conv.rule_description}; this layer runs the plain "
+            f"moving average only: use bnref.numpy.BatchNorm(convention={conv.name!r})"
+        )
     resolved_momentum = (
-        conv.default_momentum if momentum is DEFAULT else check_momentum(momentum, allow_none=True)
+        default_momentum(conv) if momentum is DEFAULT else check_momentum(momentum, allow_none=True)
     )
+    if conv.debias is not None and resolved_momentum is None:
+        raise ValueError(
+            f"momentum=None (a cumulative average) has no zero-debiased form: the {conv.name!r} "
+            "convention needs a float momentum"
+        )
+    if conv.debias is not None and conv.new_value_weight(resolved_momentum) == 0.0:
+        raise ValueError(
+            f"momentum must give the new batch a nonzero weight under the zero-debiased "
+            f"{conv.name!r} convention (inference divides by 1 - m^k, which is 0), got "
+            f"{resolved_momentum!r}"
+        )
     resolved_eps = conv.default_eps if eps is None else check_eps(eps)
     if axis is not None and (_is_bool(axis) or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"axis must be an int or None, got {axis!r}")
     resolved_axis = conv.default_axis if axis is None else int(axis)
     return LayerArgs(conv, resolved_momentum, resolved_eps, resolved_axis)
+
+
+def check_mask(mask_shape: tuple[int | None, ...], x_shape: tuple[int | None, ...]) -> None:
+    """A mask over the positions of ``x``, whose last axis holds each position's features
+    (Keras's layout: ``(batch, steps)`` for ``(batch, steps, features)``): one axis fewer than
+    ``x``, broadcastable to ``x`` without its last axis. Unknown (None) sizes match any size."""
+    mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
+    if len(mask_shape) != len(x_shape) - 1:
+        # Keras's wording (keras/src/layers/normalization/batch_normalization.py, call).
+        raise ValueError("The mask provided should be one dimension less than the inputs. "
+                         f"Received: mask.shape={mask_shape}, inputs.shape={x_shape}")
+    if not all(m is None or d is None or m in (1, d)
+               for m, d in zip(mask_shape, x_shape[:-1], strict=True)):
+        raise ValueError(f"mask must broadcast to the shape of x without its last axis, "
+                         f"{x_shape[:-1]}, got shape {mask_shape}")
+
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def check_renorm_clipping(clipping: Any) -> dict[str, Any]:
+    """Batch renormalization's bounds: ``r`` in ``[rmin, rmax]``, ``d`` in ``[-dmax, dmax]``; a
+    missing (or None) bound is no bound. ``None`` means no bounds at all. The ValueErrors use
+    Keras's wording (keras/src/layers/normalization/batch_normalization.py, ``__init__``)."""
+    if clipping is None:
+        return {}
+    if not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be a dict with keys among "
+                        f"{list(RENORM_CLIPPING_KEYS)}, got {clipping!r}")
+    if set(clipping) - set(RENORM_CLIPPING_KEYS):
+        raise ValueError(f"Received invalid keys for `renorm_clipping` argument: {clipping}. "
+                         f"Supported values: {list(RENORM_CLIPPING_KEYS)}.")
+    for key, value in clipping.items():
+        if value is not None and not _is_real(value):
+            raise TypeError(f"renorm_clipping[{key!r}] must be a float or None, got {value!r}")
+    rmax, rmin, dmax = (clipping.get(key) for key in RENORM_CLIPPING_KEYS)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError("rmax should be greater than rmin in the `renorm_clipping` argument. "
+                         f"Received: rmax={rmax}, rmin={rmin}.")
+    if dmax is not None and dmax < 0:
+        raise ValueError("dmax should be non-negative in the `renorm_clipping` argument. "
+                         f"Received: dmax={dmax}.")
+    return dict(clipping)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnref.conventions import CONVENTIONS
+from bnref.conventions import ALL_CONVENTIONS
 
 DEFAULT_EXAMPLES = 20
 
@@ -357,10 +357,11 @@ def format_rows(rows: Sequence[Row]) -> str:
 
 
 def conventions_table() -> str:
+    """Every record: the five frameworks', then the libraries' (Equinox, Haiku)."""
     body = []
-    for c in CONVENTIONS.values():
-        rule = ("(1-m)*old + m*batch" if c.momentum_weights == "new" else "m*old + (1-m)*batch")
-        body.append([c.name, c.layer, rule, f"{c.default_momentum:g}", f"{c.default_eps:g}",
+    for c in ALL_CONVENTIONS.values():
+        momentum = "required" if c.default_momentum is None else f"{c.default_momentum:g}"
+        body.append([c.name, c.layer, c.update_rule, momentum, f"{c.default_eps:g}",
                      "unbiased" if c.unbiased_running_var else "biased",
                      str(c.default_axis),
                      ", ".join(c.state_names[k] for k in ("gamma", "beta", "running_mean",
@@ -389,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "conventions":
         if args.json:
             print(json.dumps({name: {**c.__dict__, "state_names": dict(c.state_names)}
-                              for name, c in CONVENTIONS.items()}, indent=2))
+                              for name, c in ALL_CONVENTIONS.items()}, indent=2))
         else:
             print(conventions_table())
         return 0

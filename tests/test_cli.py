@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from bnref import cli
-from bnref.conventions import CONVENTIONS
+from bnref.conventions import ALL_CONVENTIONS
 from bnref.testing import backends
 from bnref.testing._numpy import NumpyBackend
 
@@ -38,7 +38,7 @@ def wrong_backend(monkeypatch):
 def test_conventions_prints_every_record(capsys):
     assert cli.main(["conventions"]) == 0
     out = capsys.readouterr().out
-    for name, record in CONVENTIONS.items():
+    for name, record in ALL_CONVENTIONS.items():
         assert name in out and record.layer in out
 
 
@@ -46,7 +46,7 @@ def test_conventions_json_round_trips_the_records(capsys):
     assert cli.main(["conventions", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {name: data[name]["default_momentum"] for name in data} == {
-        name: c.default_momentum for name, c in CONVENTIONS.items()}
+        name: c.default_momentum for name, c in ALL_CONVENTIONS.items()}
 
 
 @pytest.fixture(scope="module")

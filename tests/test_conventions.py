@@ -10,9 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bnref.numpy as bn
+from bnref._checks import check_layer_args
 from bnref.conventions import (
+    ALL_CONVENTIONS,
     CONVENTIONS,
     DEFAULT,
+    LIBRARY_CONVENTIONS,
     channel_axis_permutation,
     convert_momentum,
     get_convention,
@@ -178,3 +181,116 @@ def test_channel_axis_moves_are_inverse_and_commute_with_batch_norm():
     y_first = bn.batch_norm(nchw, None, None, None, None, training=True, axis=1)[0]
     y_last = bn.batch_norm(nhwc, None, None, None, None, training=True, axis=-1)[0]
     assert_close(move_channel_axis(y_last, -1, 1), y_first, 1e-12, "NHWC vs NCHW")
+
+
+# -- the library conventions (Equinox, Haiku): rules as data --------------------------------
+def test_library_records_resolve_by_name_and_pickle_as_themselves():
+    import pickle
+
+    assert set(ALL_CONVENTIONS) == set(CONVENTIONS) | set(LIBRARY_CONVENTIONS)
+    for name, record in LIBRARY_CONVENTIONS.items():
+        assert get_convention(name) is record
+        assert pickle.loads(pickle.dumps(record)) is record
+        assert not record.is_plain and record.plain().is_plain
+        assert record.plain().momentum_weights == record.momentum_weights
+    # The contract's message for an unknown name is unchanged (bnref/testing/checks.py).
+    with pytest.raises(ValueError, match=r"one of \['flax', 'keras', 'mxnet', 'onnx', "
+                                         r"'torch'\] or a Convention, got 'pytorch'"):
+        get_convention("pytorch")
+
+
+def test_the_recurrences_in_plain_python():
+    """Seeding, zero-debiasing and the debiased start value, on floats."""
+    equinox, equinox_batch, haiku = (LIBRARY_CONVENTIONS[n] for n in
+                                     ("equinox", "equinox_batch", "haiku"))
+    m, a, b, c = 0.75, 2.0, 6.0, 10.0
+    # Equinox mode="ema": the first batch replaces whatever was there, then the old rule.
+    assert equinox.stored_after([a], m, initial=123.0) == a
+    assert equinox.stored_after([a, b], m, initial=123.0) == m * a + (1 - m) * b
+    assert equinox.running_after([a, b], m, initial=123.0) == m * a + (1 - m) * b
+    # Haiku: from 0, divided by 1 - m^k: a weighted mean of the batches.
+    assert haiku.running_after([a], m, 0.0) == pytest.approx(a, rel=1e-15)
+    weights = np.array([m**2, m, 1.0]) * (1 - m) / (1 - m**3)
+    assert haiku.running_after([a, b, c], m, 0.0) == pytest.approx(weights @ [a, b, c])
+    assert haiku.inference_divisor(m, 0) == 1.0 and haiku.inference_divisor(m, 2) == 1 - m**2
+    # Equinox mode="batch": the same rule from a variance of 1, which the division inflates.
+    extra = m**3 / (1 - m**3)
+    assert equinox_batch.running_after([a, b, c], m, 1.0) == pytest.approx(
+        haiku.running_after([a, b, c], m, 0.0) + extra)
+    assert equinox.momentum_for_step(m, 1) == 0.0 and equinox.momentum_for_step(m, 2) == m
+
+
+def test_backends_refuse_library_rules_and_the_numpy_layer_runs_them():
+    x = np.ones((4, 3), np.float32)
+    for name in LIBRARY_CONVENTIONS:
+        with pytest.raises(ValueError, match=f"convention '{name}' .*which batch_norm does "
+                                             "not run"):
+            bn.batch_norm(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32),
+                          training=True, momentum=0.9, convention=name)
+        with pytest.raises(ValueError, match="this layer runs the plain moving average only"):
+            check_layer_args(3, momentum=0.9, eps=None, convention=name)
+        layer = bn.BatchNorm(3, momentum=0.9, convention=name)
+        assert layer.convention is LIBRARY_CONVENTIONS[name]
+    with pytest.raises(ValueError, match="momentum is required under the 'haiku' convention"):
+        bn.batch_norm(x, None, None, None, None, training=True,
+                      convention=get_convention("haiku").plain())
+    with pytest.raises(ValueError, match="momentum=None"):
+        bn.BatchNorm(3, momentum=None, convention="haiku")
+    with pytest.raises(ValueError, match="nonzero weight"):
+        bn.BatchNorm(3, momentum=1.0, convention="equinox_batch")
+
+
+def test_numpy_layer_keeps_the_count_in_library_state_and_refuses_a_blended_backward():
+    rng = np.random.default_rng(11)
+    layer = bn.BatchNorm(3, momentum=0.9, convention="haiku", dtype=np.float64)
+    assert (layer.running_mean == 0).all() and (layer.running_var == 0).all()  # Haiku's start
+    for _ in range(2):
+        layer(rng.normal(1, 2, (5, 3)))
+    state = layer.state_dict("haiku")
+    assert set(state) == {"scale", "offset", "mean_ema", "var_ema", "num_batches_tracked"}
+    fresh = bn.BatchNorm(3, momentum=0.9, convention="haiku", dtype=np.float64)
+    fresh.load_state_dict(state, "haiku")
+    assert fresh.num_batches_tracked == 2
+    for got, want in zip(fresh.inference_statistics(), layer.inference_statistics(),
+                         strict=True):
+        assert_close(got, want, 0.0, "inference statistics after a state round trip")
+    # Equinox mode="ema": the first step is normalised with the batch's statistics (its
+    # gradient is the usual one), later ones with the blended running statistics.
+    layer = bn.BatchNorm(3, momentum=0.9, convention="equinox", axis=-1, dtype=np.float64)
+    x = rng.normal(1, 2, (5, 3))
+    assert_close(layer(x), bn.batch_norm(x, layer.weight, layer.bias, None, None,
+                                         training=True, axis=-1)[0], 0.0, "seeded step")
+    layer.backward(np.ones_like(x))
+    layer(rng.normal(1, 2, (5, 3)))
+    with pytest.raises(NotImplementedError, match="blended running statistics"):
+        layer.backward(np.ones_like(x))
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_CONVENTIONS))
+def test_readme_and_guide_rows_of_the_library_records_are_the_records(name):
+    """tests/test_readme.py and tests/test_docs.py check the five frameworks' rows; these are
+    the libraries' (README: the `bnref conventions` columns; guide: its own table)."""
+    from pathlib import Path
+
+    from bnref.cli import conventions_table
+
+    root = Path(__file__).parent.parent
+    record = LIBRARY_CONVENTIONS[name]
+    momentum = "required" if record.default_momentum is None else f"{record.default_momentum:g}"
+    for path, columns in (("README.md", (2, 3, 4, 6)), ("docs/conventions.md", (2, 3, 4, 5))):
+        row = next(line for line in (root / path).read_text().splitlines()
+                   if line.startswith(f"| {name} |"))
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        rule, default_m, eps, axis = (cells[i] for i in columns)
+        assert (rule, default_m, eps, axis) == (f"`{record.update_rule}`", momentum,
+                                                f"{record.default_eps:g}",
+                                                str(record.default_axis)), path
+    readme_row = next(line for line in (root / "README.md").read_text().splitlines()
+                      if line.startswith(f"| {name} |"))
+    cells = [cell.strip() for cell in readme_row.strip().strip("|").split("|")]
+    assert cells[5] == ("unbiased" if record.unbiased_running_var else "biased")
+    assert cells[7] == ", ".join(record.state_names[k] for k in
+                                 ("gamma", "beta", "running_mean", "running_var"))
+    cli_row = next(line for line in conventions_table().splitlines()
+                   if line.startswith(f"{name} "))
+    assert record.update_rule in cli_row and record.layer in cli_row and momentum in cli_row

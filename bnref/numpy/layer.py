@@ -53,6 +53,14 @@ class BatchNorm:
     ``momentum``/``eps``/``axis`` is the convention's default. With
     ``track_running_stats=False`` the batch statistics are used in both modes.
 
+    This layer also runs the library conventions whose rule depends on the step count
+    (:data:`bnref.conventions.LIBRARY_CONVENTIONS`): under ``"equinox"`` the first training
+    batch replaces the running statistics; under ``"equinox_batch"`` and ``"haiku"``
+    ``running_mean``/``running_var`` hold the *stored* moving average (Equinox's
+    ``batch_state_index``, Haiku's ``hidden``, starting from the record's
+    ``initial_running_var``) and inference normalises with :meth:`inference_statistics`, that
+    average divided by ``1 - d**num_batches_tracked``.
+
     State follows ``torch.nn.BatchNorm2d``: ``weight``, ``bias`` (when ``affine``),
     ``running_mean``, ``running_var``, ``num_batches_tracked`` (when tracking).
     ``state_dict(names=...)``/``load_state_dict(..., names=...)`` speak any convention's names.
@@ -70,9 +78,13 @@ class BatchNorm:
         convention: str | Convention = "torch",
         dtype: Any = np.float32,
     ) -> None:
-        args = check_layer_args(num_features, momentum=momentum, eps=eps, convention=convention)
+        args = check_layer_args(num_features, momentum=momentum, eps=eps, convention=convention,
+                                library_rules=True)
         self.num_features = num_features
         self.convention = args.convention
+        # One step of the stored moving average, which the functional form runs; seeding and
+        # debiasing are applied here, around it.
+        self._step_convention = args.convention.plain()
         self.momentum = args.momentum
         self.eps = args.eps
         self.affine = check_bool("affine", affine)
@@ -82,11 +94,13 @@ class BatchNorm:
         self.weight = np.ones(num_features, dtype) if affine else None
         self.bias = np.zeros(num_features, dtype) if affine else None
         self.running_mean = np.zeros(num_features, dtype) if track_running_stats else None
-        self.running_var = np.ones(num_features, dtype) if track_running_stats else None
+        self.running_var = (np.full(num_features, self.convention.initial_running_var, dtype)
+                            if track_running_stats else None)
         self.num_batches_tracked = 0 if track_running_stats else None
         self.weight_grad: np.ndarray | None = None
         self.bias_grad: np.ndarray | None = None
         self._saved_input: np.ndarray | None = None
+        self._blended_output = False
 
     def train(self, mode: bool = True) -> BatchNorm:
         self.training = check_bool("mode", mode)
@@ -97,24 +111,48 @@ class BatchNorm:
 
     def _momentum_for_step(self, step: int) -> float:
         if self.momentum is not None:
-            return self.momentum
+            # The convention's own momentum, except a first batch that seeds the statistics.
+            return self.convention.momentum_for_step(self.momentum, step)
         # Cumulative average: the k-th batch gets weight 1/k, in this convention's terms.
         return self.convention.momentum_for_new_value_weight(1.0 / step)
+
+    def inference_statistics(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The mean and variance inference normalises with: the running statistics, divided by
+        ``1 - d**num_batches_tracked`` under a zero-debiased convention (computed in float64,
+        rounded once to the statistics' dtype). ``(None, None)`` without running statistics."""
+        if self.running_mean is None or self.running_var is None:
+            return None, None
+        divisor = self.convention.inference_divisor(self.momentum, self.num_batches_tracked)
+        if divisor == 1.0:
+            return self.running_mean.copy(), self.running_var.copy()
+        return tuple(  # type: ignore[return-value]
+            (stat.astype(np.float64) / divisor).astype(stat.dtype)
+            for stat in (self.running_mean, self.running_var))
 
     def __call__(self, x: np.ndarray, training: bool | None = None) -> np.ndarray:
         training = self.training if training is None else check_bool("training", training)
         tracking = self.track_running_stats and training
         step = self.num_batches_tracked + 1 if tracking else 0
+        mean, var = ((self.running_mean, self.running_var) if training
+                     else self.inference_statistics())
         y, new_mean, new_var = batch_norm(
-            x, self.weight, self.bias, self.running_mean, self.running_var,
+            x, self.weight, self.bias, mean, var,
             training=training, momentum=self._momentum_for_step(step) if tracking else 0.0,
-            eps=self.eps, axis=self.axis, convention=self.convention,
+            eps=self.eps, axis=self.axis, convention=self._step_convention,
         )
+        normalised_with_running = tracking and self.convention.training_statistics == "running"
+        if normalised_with_running:
+            # Equinox mode="ema": the training batch is normalised with the running statistics
+            # it has just updated, as inference would be.
+            y = batch_norm(x, self.weight, self.bias, new_mean, new_var, training=False,
+                           eps=self.eps, axis=self.axis, convention=self._step_convention)[0]
         if tracking:  # only after batch_norm accepted x: a refused batch changes nothing
             self.num_batches_tracked = step
             self.running_mean, self.running_var = new_mean, new_var
-        uses_batch_stats = training or self.running_mean is None
+        uses_batch_stats = (training or self.running_mean is None) and not (
+            normalised_with_running and step > 1)
         self._saved_input = x.copy() if uses_batch_stats else None
+        self._blended_output = normalised_with_running and step > 1
         return y
 
     forward = __call__
@@ -124,11 +162,16 @@ class BatchNorm:
 
         Returns ``dx`` and keeps ``weight_grad``/``bias_grad`` on the layer.
         """
+        if self._blended_output:
+            raise NotImplementedError(
+                f"backward() of a training step under the {self.convention.name!r} convention, "
+                "whose output is normalised with the blended running statistics, is not "
+                "implemented (its first step, normalised with the batch's, is)")
         if self._saved_input is None:
             raise RuntimeError("backward() needs a preceding forward call in training mode")
         dx, self.weight_grad, self.bias_grad = batch_norm_backward(
             dy, self._saved_input, self.weight, eps=self.eps, axis=self.axis,
-            convention=self.convention,
+            convention=self._step_convention,
         )
         return dx
 
@@ -138,10 +181,14 @@ class BatchNorm:
         return {name: value.copy() for name, value in state.items() if value is not None}
 
     def state_dict(self, names: str | Convention = "torch") -> dict[str, Any]:
-        """Copies of the state under ``names``' convention (nested for Flax)."""
+        """Copies of the state under ``names``' convention (nested for Flax and Haiku).
+
+        ``num_batches_tracked`` is included under PyTorch's names and under every convention
+        whose rule depends on the step count (Equinox, Haiku)."""
         conv = get_convention(names)
         flat = {conv.state_names[name]: value for name, value in self._canonical_state().items()}
-        if conv.name == "torch" and self.num_batches_tracked is not None:
+        keeps_count = conv.name == "torch" or conv.counts_steps
+        if keeps_count and self.num_batches_tracked is not None:
             flat["num_batches_tracked"] = np.asarray(self.num_batches_tracked, np.int64)
         return nest_state(flat)
 
