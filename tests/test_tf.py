@@ -1,6 +1,9 @@
 """What only the TensorFlow backend promises: Keras's defaults, weights and training semantics,
 a layer inside Keras models (fit, save/load, mixed precision), the same results eagerly, in
-tf.function and under jit_compile, and the fused kernel's unbiased batch variance."""
+tf.function and under jit_compile, the fused kernel's unbiased batch variance, and arrays other
+than tensors (numpy, tf.Variable, keras.Variable). The layer as Keras's own (masks, renorm,
+config, files, Keras's layer tests) is tests/test_tf_keras.py; in a real model,
+tests/test_tf_model.py."""
 
 from __future__ import annotations
 
@@ -295,3 +298,103 @@ def test_unknown_batch_dimension_and_unknown_rank():
 
     with pytest.raises(ValueError, match="x must have a known rank"):
         any_rank.get_concrete_function()
+
+
+# --- array-likes ------------------------------------------------------------------------------
+
+ARRAY_KINDS = {"numpy": np.asarray, "tf.Variable": tf.Variable, "keras.Variable": keras.Variable}
+ARGUMENT_GROUPS = {"x": ("x",), "gamma": ("gamma",), "beta": ("beta",),
+                   "running-stats": ("running_mean", "running_var")}
+
+
+def bn_arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(2, 3, (6, 4, 3)).astype(np.float32),
+            "gamma": rng.normal(1, 0.5, 3).astype(np.float32),
+            "beta": rng.normal(0, 0.5, 3).astype(np.float32),
+            "running_mean": rng.normal(0, 1, 3).astype(np.float32),
+            "running_var": rng.uniform(0.5, 2, 3).astype(np.float32)}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("group", list(ARGUMENT_GROUPS))
+@pytest.mark.parametrize("kind", list(ARRAY_KINDS))
+def test_batch_norm_takes_arrays_tf_convert_to_tensor_takes(kind, group, training):
+    """numpy arrays, tf.Variable and keras.Variable anywhere an array goes: the same results
+    as tensors, and variables are read, never assigned."""
+    arrays = bn_arrays(10)
+    tensors = {name: tf.constant(value) for name, value in arrays.items()}
+    given = {**tensors, **{name: ARRAY_KINDS[kind](arrays[name])
+                           for name in ARGUMENT_GROUPS[group]}}
+    expected = btf.batch_norm(**tensors, training=training, convention="keras")
+    got = btf.batch_norm(**given, training=training, convention="keras")
+    for a, b, name in zip(got, expected, ("y", "running_mean", "running_var"), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    for name in ARGUMENT_GROUPS[group]:
+        np.testing.assert_array_equal(np.asarray(given[name]), arrays[name], err_msg=name)
+
+
+_ARRAY = btf.functional.ARRAY_TYPE
+_FLOATING = "float16, bfloat16, float32, float64"
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("x", lambda: object(), f"x must be a {_ARRAY}, got builtins.object"),
+    ("x", lambda: {"a": 1.0}, f"x must be a {_ARRAY}, got builtins.dict"),
+    ("x", lambda: np.array([[object()] * 3] * 2), f"x must be a {_ARRAY}, got numpy.ndarray"),
+    ("x", lambda: np.full((2, 3), "a"), f"x must have a floating dtype ({_FLOATING}), got string"),
+    ("gamma", lambda: np.ones(3, np.int64),
+     f"gamma must have a floating dtype ({_FLOATING}), got int64"),
+    ("beta", lambda: keras.Variable(np.ones(3, np.int32), dtype="int32", trainable=False),
+     f"beta must have a floating dtype ({_FLOATING}), got int32"),
+    ("running_var", lambda: tf.Variable(np.ones(3, np.int32)),
+     f"running_var must have a floating dtype ({_FLOATING}), got int32"),
+], ids=["object", "dict", "object-array", "string-array", "int-numpy", "int-keras-variable",
+        "int-tf-variable"])
+def test_batch_norm_refuses_what_tf_refuses_and_non_floating_dtypes(name, make, message):
+    arrays = {key: tf.constant(value) for key, value in bn_arrays(11).items()}
+    with pytest.raises(TypeError) as error:
+        btf.batch_norm(**{**arrays, name: make()}, training=True, convention="keras")
+    assert str(error.value) == message
+
+
+class OwnBatchNorm(keras.layers.Layer):
+    """A user's own Keras layer over ``bnref.tf.batch_norm`` and its own ``add_weight``
+    variables, passed as they are."""
+
+    def build(self, input_shape):
+        shape = (input_shape[-1],)
+        self.gamma = self.add_weight(shape=shape, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=shape, initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                           name="moving_mean")
+        self.moving_variance = self.add_weight(shape=shape, initializer="ones", trainable=False,
+                                               name="moving_variance")
+
+    def call(self, x, training=False):
+        y, mean, var = btf.batch_norm(x, self.gamma, self.beta, self.moving_mean,
+                                      self.moving_variance, training=bool(training),
+                                      convention="keras")
+        if training:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(var)
+        return y
+
+
+def test_a_keras_layer_can_pass_its_own_weights_to_batch_norm():
+    """Trained with fit, such a layer moves exactly as bnref's own layer (the same ops)."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(2, 3, (24, 5)).astype(np.float32)
+    target = rng.normal(size=(24, 5)).astype(np.float32)
+    trained = []
+    for layer in (OwnBatchNorm(), btf.BatchNorm()):
+        model = keras.Sequential([keras.Input((5,)), layer])
+        initial = random_weights(layer, 13)
+        model.set_weights(initial)
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.fit(x, target, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        trained.append(model.get_weights())
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    for own, ours, start, name in zip(*trained, initial, names, strict=True):
+        assert not np.array_equal(own, start), f"{name} did not move"
+        np.testing.assert_array_equal(own, ours, err_msg=name)

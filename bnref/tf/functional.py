@@ -13,6 +13,13 @@ which is what makes plain ops as fast as a fused kernel, and it works unchanged 
 inside an outer ``tf.function`` (with or without ``jit_compile``) and under ``GradientTape``.
 Eager calls on small tensors (at most :data:`EAGER_MAX_SIZE` elements) run the same ops
 without compiling: a compile costs ~150 ms per new shape, which a small tensor never earns back.
+
+Arrays are what ``tf.convert_to_tensor`` takes and that carry their own dtype: tensors, numpy
+arrays, ``tf.Variable``, ``keras.Variable`` (so a Keras layer can pass its own weights). Python
+lists and scalars are refused: TensorFlow would pick their dtype, not the caller.
+
+:func:`batch_moments` gives the layer the (optionally masked) batch statistics on their own,
+for Keras's masked moments and batch renormalization.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import tensorflow as tf
 from bnref._checks import check_batch_norm_args
 from bnref.conventions import DEFAULT, Convention, get_convention
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_moments", "batch_norm"]
 
-ARRAY_TYPE = "tf.Tensor"
+ARRAY_TYPE = ("tf.Tensor or an array with a dtype (numpy.ndarray, tf.Variable, "
+              "keras.Variable)")
 
 # Eager calls on tensors of at most this many elements run op by op instead of through XLA.
 # Measured here (float32, training): a compiled call takes 0.6 ms against 2 ms op by op at
@@ -38,9 +46,20 @@ EAGER_MAX_SIZE = 1 << 16
 
 
 def _inspect(value: Any) -> tuple[tuple[int | None, ...], str] | None:
-    if not isinstance(value, (tf.Tensor, tf.Variable)):
+    if not isinstance(value, tf.Tensor):
         return None
     return tuple(value.shape), value.dtype.name
+
+
+def _as_tensor(value: Any) -> Any:
+    """An array (anything with a dtype that ``tf.convert_to_tensor`` takes) as a tensor; any
+    other value is returned as it is, for the validation to refuse by name."""
+    if isinstance(value, tf.Tensor) or not hasattr(value, "dtype"):
+        return value
+    try:
+        return tf.convert_to_tensor(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def compute_dtype(dtype: tf.DType) -> tf.DType:
@@ -62,6 +81,9 @@ def batch_norm(
 ) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
     """Batch-normalize ``x`` over every axis but the channel axis (see :mod:`bnref.numpy`).
 
+    Array arguments are tensors or arrays ``tf.convert_to_tensor`` takes (numpy arrays,
+    ``tf.Variable``, ``keras.Variable``); a non-floating dtype is a ``TypeError``.
+
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased batch statistics in
     training (or when no running statistics are given) and the running statistics in
     inference. Returns ``(y, new_running_mean, new_running_var)`` as new tensors (variables
@@ -72,9 +94,11 @@ def batch_norm(
     until run time (``None`` in a traced graph) is fine; the torch convention's "more than one
     value per channel" check then cannot run before the data arrives and is skipped.
     """
+    x, gamma, beta, running_mean, running_var = (
+        _as_tensor(value) for value in (x, gamma, beta, running_mean, running_var))
     for name, value in (("x", x), ("gamma", gamma), ("beta", beta),
                         ("running_mean", running_mean), ("running_var", running_var)):
-        if isinstance(value, (tf.Tensor, tf.Variable)) and value.shape.rank is None:
+        if isinstance(value, tf.Tensor) and value.shape.rank is None:
             raise ValueError(f"{name} must have a known rank, got a tensor of unknown rank "
                              "(trace with shapes of one rank)")
     args = check_batch_norm_args(x, gamma, beta, running_mean, running_var, training=training,
@@ -146,3 +170,42 @@ def _math(x, gamma, beta, running_mean, running_var, eps, momentum, *, training:
 # Traced once per dtypes, rank and flags (``reduce_retracing`` generalizes the sizes of later
 # shapes, never the static ``ndim``) and compiled by XLA once per shape.
 _normalise = tf.function(_math, jit_compile=True, reduce_retracing=True, autograph=False)
+
+
+def batch_moments(
+    x: tf.Tensor, *, axis: int, mask: tf.Tensor | None = None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Per-channel batch statistics of ``x`` over every axis but ``axis``, two-pass::
+
+        n    = sum(m)                      m = 1 where ``mask`` is True, else 0 (all 1 without)
+        mean = sum(m * x) / n
+        var  = sum(m * (x - mean)²) / n    (biased)
+
+    ``mask``: bool, broadcastable to ``x``; unselected values (even NaN or inf) take no part.
+    A channel with no selected value has mean 0 and variance 0, which is what Keras's masked
+    moments give there (``0 / (0 + 1e-7)``); elsewhere Keras divides by ``n + 1e-7``, a
+    relative bias of ``1e-7 / n`` that bnref leaves out. Returns ``(mean, var, n)``, each
+    ``(C,)`` in the compute dtype (float32 for float16/bfloat16 ``x``). Differentiable: a
+    layer normalizing with them gets the gradient of training-mode batch norm.
+    """
+    rank = x.shape.rank
+    axis = axis % rank
+    reduce_axes = [i for i in range(rank) if i != axis]
+    per_channel = [-1 if i == axis else 1 for i in range(rank)]  # (C,) broadcast against x
+    dtype = compute_dtype(x.dtype)
+    wide = tf.cast(x, dtype)
+    if mask is None:
+        count = tf.cast(tf.size(x) // tf.shape(x)[axis], dtype)
+        mean = tf.reduce_mean(wide, reduce_axes)
+        centered = wide - tf.reshape(mean, per_channel)
+        var = tf.reduce_mean(centered * centered, reduce_axes)
+        return mean, var, tf.fill(tf.shape(mean), count)
+    selected = tf.broadcast_to(mask, tf.shape(x))
+    count = tf.reduce_sum(tf.cast(selected, dtype), reduce_axes)
+    # where, not a product with m: an unselected inf or NaN must not reach the sums.
+    zeros = tf.zeros_like(wide)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(tf.where(selected, wide, zeros), reduce_axes),
+                                 count)
+    centered = tf.where(selected, wide - tf.reshape(mean, per_channel), zeros)
+    var = tf.math.divide_no_nan(tf.reduce_sum(centered * centered, reduce_axes), count)
+    return mean, var, count
