@@ -57,6 +57,10 @@ class BatchNorm(_BatchNorm):
         axis: int | None = None,
         convention: str | Convention = "torch",
     ) -> None:
+        """``torch.nn.BatchNorm2d``'s arguments, in its order, plus ``axis`` (the channel axis;
+        default the convention's, 1 for torch) and ``convention`` (what ``momentum`` means, and
+        the defaults of an omitted ``eps``/``momentum``/``axis``; see :mod:`bnref.conventions`).
+        ``momentum=None`` is the cumulative average."""
         args = check_layer_args(num_features, momentum=momentum, eps=eps, convention=convention,
                                 axis=axis)
         super().__init__(num_features, args.eps, args.momentum, affine, track_running_stats,
@@ -77,6 +81,12 @@ class BatchNorm(_BatchNorm):
             tracer = input.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         _check_rank(input, self._ranks)
+        if -input.dim() <= self.axis < input.dim() and (
+                input.shape[self.axis] != self.num_features):
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got x with "
+                f"{input.shape[self.axis]} channels on axis {self.axis}, shape "
+                f"{tuple(input.shape)}: num_features must be the channel count")
         tracking = self.training and self.track_running_stats
         # Eval with running statistics normalises with them; everything else with the batch's.
         use_running = not self.training and self.running_mean is not None
