@@ -4,10 +4,9 @@ Training, per channel over every axis but the channel axis (``n`` values each)::
 
     m1    = sum(x) / n                          (float32 for float16/bfloat16/float32 input)
     c     = x - m1                              (exact where x is near m1: Sterbenz)
-    delta = sum(c) / n                          (the mean's rounding error, corrected:
-    c     = c - delta                            mean = m1 + delta, two-pass with correction)
-    var   = sum(c²) / n                         (biased)
-    y     = c * scale + beta                    scale = gamma / sqrt(var + eps)
+    delta = sum(c) / n                          (the first pass's rounding error: the mean
+    var   = sum(c²) / n - delta²                 is m1 + delta; corrected two-pass, biased)
+    y     = c * scale + (beta - delta * scale)  scale = gamma / sqrt(var + eps)
     running <- convention.update_running(running, batch statistic)
 
 Inference uses the running statistics. float16/bfloat16 inputs are computed in float32, float64
@@ -89,13 +88,19 @@ def _sum_of_squares(c: torch.Tensor, axis: int, dims: tuple[int, ...]) -> torch.
 
 
 def _centered_moments(wide: torch.Tensor, dims: tuple[int, ...], axis: int):
-    """(c, m1, delta, var): c = x - (m1 + delta) in place of a fresh buffer, var biased."""
+    """(c, m1, delta, var): ``c = x - m1`` in a fresh buffer, mean ``m1 + delta``, var biased.
+
+    The corrected two-pass algorithm: ``delta = mean(x - m1)`` is the first pass's rounding
+    error, and ``var = mean(c²) - delta²`` subtracts a term that is tiny against the spread,
+    so nothing cancels (this is not E[x²]−E[x]², whose subtraction is of two terms of size
+    ``mean²``). On a constant channel ``c`` is n copies of one small multiple of ulp(m1):
+    its sum and its sum of squares are exact, so ``delta`` is that value and ``var`` exactly 0.
+    """
     n = wide.numel() // wide.shape[axis]
     m1 = wide.mean(dims)
     c = torch.sub(wide, _per_channel(m1, wide.ndim, axis))
     delta = c.sum(dims) / n
-    c.sub_(_per_channel(delta, wide.ndim, axis))
-    var = _sum_of_squares(c, axis, dims) / n
+    var = (_sum_of_squares(c, axis, dims) / n - delta * delta).clamp_min(0)
     return c, m1, delta, var
 
 
@@ -172,8 +177,13 @@ class _BatchStatistics(torch.autograd.Function):
         c, m1, delta, var = _centered_moments(x.to(dtype), dims, axis)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if gamma is None else invstd * gamma.to(dtype)
-        shift = None if beta is None else _per_channel(beta.to(dtype), x.ndim, axis)
-        y = _affine(c, _per_channel(scale, x.ndim, axis), shift, out=c)  # in place
+        # y = (c - delta) * scale + beta in one pass over c: shift = beta - delta * scale. A
+        # channel with no spread (var exactly 0: every c equals delta) is beta exactly, so
+        # its scale is 0 there rather than a rounding of delta * scale - delta * scale.
+        scale = torch.where(var > 0, scale, torch.zeros_like(scale))
+        shift = -delta * scale if beta is None else beta.to(dtype) - delta * scale
+        y = _affine(c, _per_channel(scale, x.ndim, axis), _per_channel(shift, x.ndim, axis),
+                    out=c)  # in place
         return y.to(x.dtype), m1 + delta, var, m1, delta, invstd
 
     @staticmethod
