@@ -19,21 +19,18 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import bnref.numpy as bn
-from bnref.conventions import CONVENTIONS, get_convention
+from bnref.conventions import CONVENTIONS
 from bnref.numpy import functional
-from bnref.testing.checks import MISTAKES, base_call
+from bnref.testing.checks import MISTAKES, _forward_tolerances, base_call
 from bnref.testing.strategies import BNCase, bn_cases, numpy_dtype, with_dy
 from bnref.testing.tolerances import (
     SAFETY,
     TINY,
     UNIT_ROUNDOFF,
-    ChannelStats,
     Comparison,
     compare,
     compute_dtype_name,
-    forward_tolerance,
     gradient_tolerances,
-    running_stat_tolerances,
 )
 
 ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -86,23 +83,6 @@ def _split(array: np.ndarray, case: BNCase, cuts: list[int]) -> list[np.ndarray]
             for part in np.split(array, cuts, axis=_batch_axis(case))]
 
 
-def _bounds(case: BNCase, factor: float):
-    """Bounds on y, new running mean and new running var of the full batch's training call."""
-    axis = case.channel_axis
-    stats = ChannelStats.of(case.x, axis)
-    y_tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta,
-                              eps=case.resolved_eps, mean=stats.mean, var=stats.var,
-                              batch_stats=True, factor=factor)
-    if case.running_mean is None:
-        return y_tol, 0.0, 0.0
-    conv = get_convention(case.convention)
-    mean_tol, var_tol = running_stat_tolerances(
-        case.x, axis, old_mean=case.running_mean, old_var=case.running_var,
-        new_value_weight=conv.new_value_weight(case.resolved_momentum),
-        stat_dtype=case.running_mean.dtype.name, factor=factor)
-    return y_tol, mean_tol, var_tol
-
-
 def _param_dtype(case: BNCase) -> str:
     return case.gamma.dtype.name if case.gamma is not None else compute_dtype_name(case.dtype)
 
@@ -128,8 +108,10 @@ def test_synchronized_shards_give_the_full_batch(split):
     exact_y, exact_mean, exact_var = bn.batch_norm(*wide.arrays, **wide.kwargs())
     results = []
     for reference, (y_tol, mean_tol, var_tol), against in (
-            ((full_y, full_mean, full_var), _bounds(case, 2.0), "batch_norm of the full batch"),
-            ((exact_y, exact_mean, exact_var), _bounds(case, 1.0), "the float64 oracle")):
+            ((full_y, full_mean, full_var), _forward_tolerances(case, 2.0),
+             "batch_norm of the full batch"),
+            ((exact_y, exact_mean, exact_var), _forward_tolerances(case, 1.0),
+             "the float64 oracle")):
         rows = _split(reference[0], case, cuts)
         results += [compare(y, row, y_tol, f"shards[{k}] y vs {against}")
                     for k, (y, row) in enumerate(zip(ys, rows, strict=True))]
@@ -214,7 +196,7 @@ def test_shards_may_differ_beyond_the_batch_axis(split):
     params = case.gamma, case.beta, case.running_mean, case.running_var
     ys, new_mean, new_var = bn.sync_batch_norm(shards, *params, **kwargs)
     full_y, full_mean, full_var = bn.batch_norm(*case.arrays, **case.kwargs())
-    y_tol, mean_tol, var_tol = _bounds(case, 2.0)
+    y_tol, mean_tol, var_tol = _forward_tolerances(case, 2.0)
     got = np.concatenate([_rows(y, 1) for y in ys])
     assert_all([compare(got, full_y, y_tol, "y of the union"),
                 compare(new_mean, full_mean, mean_tol, "running_mean"),
