@@ -146,22 +146,28 @@ def _analytic_backward(dy, x, gamma, m1, delta, invstd, dims, axis):
     return dx, dgamma, sum_dy
 
 
+def _standardized(wide: torch.Tensor, eps: float, dims: tuple[int, ...], axis: int):
+    """(c, mean, var, invstd) from differentiable operations: ``c = x - mean`` centred twice
+    (``m1`` detached: any ``m1`` works, the second centring absorbs it and keeps ``c`` exact)."""
+    n = wide.numel() // wide.shape[axis]
+    m1 = wide.mean(dims).detach()
+    c = wide - _per_channel(m1, wide.ndim, axis)
+    delta = c.sum(dims) / n
+    c = c - _per_channel(delta, wide.ndim, axis)
+    var = (c * c).sum(dims) / n
+    return c, m1 + delta, var, torch.rsqrt(var + eps)
+
+
 def _composite(x, gamma, beta, eps: float, dims: tuple[int, ...], axis: int):
     """The training forward as differentiable operations (any order of derivative, tracing)."""
     dtype = compute_dtype(x.dtype)
-    wide = x.to(dtype)
-    n = wide.numel() // wide.shape[axis]
-    m1 = wide.mean(dims).detach()  # any m1 works: delta absorbs it, and keeps c exact
-    c = wide - _per_channel(m1, x.ndim, axis)
-    c = c - _per_channel(c.sum(dims) / n, x.ndim, axis)
-    var = (c * c).sum(dims) / n
-    scale = torch.rsqrt(var + eps)
+    c, mean, var, scale = _standardized(x.to(dtype), eps, dims, axis)
     if gamma is not None:
         scale = scale * gamma.to(dtype)
     y = c * _per_channel(scale, x.ndim, axis)
     if beta is not None:
         y = y + _per_channel(beta.to(dtype), x.ndim, axis)
-    return y.to(x.dtype), (m1 + (c.sum(dims) / n)).detach(), var.detach()
+    return y.to(x.dtype), mean.detach(), var.detach()
 
 
 class _BatchStatistics(torch.autograd.Function):
@@ -281,11 +287,8 @@ def _differentiable_backward(ctx, dy, x, gamma):
     dtype = compute_dtype(x.dtype)
     dims, axis, ndim = ctx.dims, ctx.axis, x.ndim
     n = x.numel() // x.shape[axis]
-    wide, dy = x.to(dtype), dy.to(dtype)
-    mean = wide.mean(dims)
-    c = wide - _per_channel(mean, ndim, axis)
-    c = c - _per_channel(c.sum(dims) / n, ndim, axis)
-    invstd = torch.rsqrt((c * c).sum(dims) / n + ctx.eps)
+    dy = dy.to(dtype)
+    c, _, _, invstd = _standardized(x.to(dtype), ctx.eps, dims, axis)
     x_hat = c * _per_channel(invstd, ndim, axis)
     sum_dy = dy.sum(dims)
     dgamma = (dy * x_hat).sum(dims)
