@@ -22,3 +22,14 @@ settings.register_profile("dev", max_examples=25, deadline=None, suppress_health
 settings.register_profile("stress", max_examples=2000, deadline=None,
                           suppress_health_check=_quiet)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_configure(config) -> None:
+    """The shared suite's properties follow this run's profile (``--hypothesis-profile=ci``
+    runs them at bnref's ``ci`` too), unless ``--bnref-profile`` chose one."""
+    from bnref.testing import profiles
+
+    chosen = (config.getoption("hypothesis_profile", None)
+              or os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+    if config.getoption("bnref_profile", None) is None and chosen in profiles.PROFILES:
+        profiles.use_profile(chosen)

@@ -231,6 +231,7 @@ def _bnref_grad(eps, axis, convention):
 
 
 class JaxBackend(Backend):
+    exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "jax"
     array_type = bj.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64")

@@ -122,6 +122,7 @@ _SMALL_EPS = st.one_of(st.none(), st.floats(-6, -3).map(lambda e: float(np.float
 
 
 class MxnetBackend(Backend):
+    exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "mxnet"
     array_type = bm.functional.ARRAY_TYPE
     dtypes = ("float16", "float32", "float64")

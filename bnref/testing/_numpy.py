@@ -42,6 +42,7 @@ class NumpyLayer:
 
 
 class NumpyBackend(Backend):
+    exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "numpy"
     array_type = bn.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64") if _has_bfloat16() else (

@@ -195,6 +195,7 @@ KERAS_MOMENTUM = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.5, 1.0]), s
 
 
 class TfBackend(Backend):
+    exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "tf"
     array_type = btf.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64")

@@ -118,6 +118,7 @@ def _functional_gradients(x, gamma, beta, dy, *, eps, axis=1):
 
 
 class TorchBackend(Backend):
+    exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "torch"
     array_type = bt.functional.ARRAY_TYPE
     dtypes = ("float16", "bfloat16", "float32", "float64")

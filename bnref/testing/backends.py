@@ -6,8 +6,11 @@ The suite and ``bnref check`` speak numpy to adapters only. The registry knows e
 by name and finds installed ones with ``importlib.util.find_spec``: nothing is imported until a
 backend is asked for.
 
-To check your own implementation, subclass :class:`Backend` (a numpy function needs only
-``batch_norm``), and point the suite's ``backend`` fixture at it; see the README.
+To check your own implementation, the quickest way is ``bnref check --implementation
+pkg.module:function --framework torch --convention torch`` (a default adapter,
+:mod:`bnref.testing.adapters`); for anything it cannot express, subclass :class:`Backend` (a
+numpy function needs only ``batch_norm``) and point the suite's ``backend`` fixture at it.
+The protocol is documented on :class:`Backend` and in ``docs/testing.md``.
 """
 
 from __future__ import annotations
@@ -79,10 +82,48 @@ class LayerHandle(Protocol):
 
 
 class Backend:
-    """How the shared suite drives one implementation. Override what your framework needs.
+    """How the shared suite drives one implementation: override what your framework needs,
+    and declare what the implementation is (the class attributes below).
 
-    ``batch_norm`` is the functional API of ``bnref/DESIGN.md`` on native arrays. The numpy
-    defaults of :meth:`asarray`/:meth:`to_numpy` fit any numpy implementation.
+    The adapter protocol (all arrays cross it as numpy arrays unless said otherwise):
+
+    - :meth:`batch_norm` is the functional API on *native* arrays::
+
+          y, new_mean, new_var = batch_norm(x, gamma, beta, running_mean, running_var, *,
+                                            training, momentum=<default>, eps=None, axis=None,
+                                            convention="torch")
+
+      ``y`` is ``gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch's mean and biased
+      variance in training (or without running statistics) and the running ones in inference;
+      the new running statistics follow the convention's update (``(1 - m) * old + m * batch``
+      for ``torch``, ``m * old + (1 - m) * batch`` for the others; torch feeds the unbiased
+      batch variance, the others the biased one); ``None`` comes back as ``None``, and in
+      inference the statistics come back unchanged. Inputs are never modified.
+    - :meth:`asarray` / :meth:`to_numpy` convert between numpy and native arrays.
+    - :meth:`gradients` (optional): ``(dx, dgamma, dbeta)`` of ``sum(y * dy)`` in training.
+    - :meth:`make_layer` (optional): a :class:`LayerHandle` for a :class:`LayerConfig`.
+
+    Declarations. Cases are drawn inside them, and a property the adapter cannot serve is
+    skipped with a one-line reason instead of crashing:
+
+    - ``dtypes``, ``conventions``: what cases may use (a torch-style implementation declares
+      ``conventions = ("torch",)``);
+    - ``ranks`` (inclusive), ``channel_axis`` (a fixed channel axis, e.g. ``1`` or ``-1``;
+      ``None``: any axis, passed as ``axis=``);
+    - ``fixed_eps`` / ``fixed_momentum``: the implementation always uses this value (cases
+      then use it too, and the properties that vary it are skipped);
+    - ``optional_affine`` / ``optional_running_stats``: whether ``gamma``/``beta`` and the
+      running statistics may be ``None``;
+    - for the layer: ``cumulative`` (``momentum=None`` means the cumulative average, as in
+      PyTorch), ``always_tracks`` (the layer always keeps running statistics), and
+      ``layer_affine_optional`` (the layer can be built without gamma and beta);
+    - ``exact_errors``: opt in to bnref's own tier, which demands bnref's exact exception types
+      and messages for bad input. Off, a bad input must raise *some* exception and modify
+      nothing;
+    - ``subnormals``: opt in to subnormal values in drawn inputs (some frameworks refuse them);
+    - ``shape_pool`` / ``example_scale``: for frameworks that compile per shape, draw shapes
+      from a small pool (:data:`bnref.testing.strategies.SHAPE_POOL`) and run that share of
+      the profile's examples.
     """
 
     name: str = "custom"
@@ -94,12 +135,28 @@ class Backend:
     shape_pool: tuple[tuple[int, ...], ...] | None = None
     # The share of the Hypothesis profile's max_examples this backend runs per property.
     example_scale: float = 1.0
+    ranks: tuple[int, int] = (2, 5)
+    channel_axis: int | None = None
+    fixed_eps: float | None = None
+    fixed_momentum: float | None = None
+    optional_affine: bool = True
+    optional_running_stats: bool = True
+    cumulative: bool = True
+    always_tracks: bool = False
+    layer_affine_optional: bool = True
+    exact_errors: bool = False
+    subnormals: bool = False
 
     @property
     def capabilities(self) -> frozenset[str]:
         """Which optional methods this adapter implements (overrides)."""
         return frozenset(name for name in ("gradients", "make_layer", "builtin", "layer_builtin")
                          if getattr(type(self), name) is not getattr(Backend, name))
+
+    def declared(self) -> dict[str, Any]:
+        """The declarations that differ from an unrestricted implementation's (for reports)."""
+        return {name: getattr(self, name) for name in _DECLARATIONS
+                if getattr(self, name) != getattr(Backend, name)}
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, array: np.ndarray) -> Any:
@@ -142,6 +199,12 @@ class Backend:
 
     def __repr__(self) -> str:
         return self.name
+
+
+_DECLARATIONS = ("dtypes", "conventions", "ranks", "channel_axis", "fixed_eps", "fixed_momentum",
+                 "optional_affine", "optional_running_stats", "cumulative", "always_tracks",
+                 "layer_affine_optional", "exact_errors", "subnormals", "shape_pool",
+                 "example_scale")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ Inputs are built as ``offset_c + spread_c * unit`` per channel, with ``unit`` in
 constant and near-constant channels come for free), offsets up to 1e4 in magnitude and spreads
 from 1e-3 to 1e2 (or exactly 0: a constant channel), then rounded to the case's dtype. The
 float64 oracle always sees exactly the rounded values.
+
+No drawn value is subnormal unless a strategy is asked for them (``subnormals=True``): some
+frameworks refuse subnormal scalars (MXNet: "Out of range value for scalar") or flush them to
+zero, which says nothing about their batch norm. :func:`cases_for` and
+:func:`layer_cases_for` draw within what a :class:`~bnref.testing.backends.Backend` declares.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ __all__ = [
     "SHAPE_POOL",
     "BNCase",
     "LayerCase",
+    "Unsupported",
     "bn_cases",
+    "cases_for",
     "layer_cases",
+    "layer_cases_for",
     "numpy_dtype",
     "param_dtype",
     "with_directions",
@@ -128,9 +136,26 @@ class LayerCase:
         return axis % self.eval_batch.ndim
 
 
-_offsets = st.one_of(st.just(0.0), st.floats(-10, 10), st.floats(-1e4, 1e4))
+def _floats(low: float, high: float, subnormals: bool = False):
+    return st.floats(low, high, allow_subnormal=subnormals)
+
+
+def _flush(array: np.ndarray, subnormals: bool) -> np.ndarray:
+    """``array`` with its subnormal values set to zero (unless they were asked for): a
+    product such as spread * unit can land below the dtype's smallest normal once rounded."""
+    if subnormals or (array.dtype.kind != "f" and array.dtype.name != "bfloat16"):
+        return array
+    smallest = float(np.finfo(np.float32).tiny) if array.dtype.name == "bfloat16" else float(
+        np.finfo(array.dtype).tiny)
+    magnitude = np.abs(array.astype(np.float64))
+    out = np.array(array, copy=True)
+    out[(magnitude < smallest) & (magnitude > 0)] = 0
+    return out
+
+
+_offsets = st.one_of(st.just(0.0), _floats(-10, 10), _floats(-1e4, 1e4))
 _spreads = st.one_of(st.just(0.0), st.floats(-3, 2).map(lambda e: 10.0**e))
-_units = st.floats(-1, 1, allow_subnormal=False)
+_units = _floats(-1, 1)
 
 
 @st.composite
@@ -145,22 +170,24 @@ def _shape(draw, rank: int, channel_axis: int, channels: int, min_per_channel: i
 
 @st.composite
 def _values(draw, shape: tuple[int, ...], channel_axis: int, dtype: str,
-            offsets: np.ndarray | None = None, spreads: np.ndarray | None = None):
+            offsets: np.ndarray | None = None, spreads: np.ndarray | None = None,
+            subnormals: bool = False):
     """(x in dtype, offsets, spreads): per channel offset + spread * unit."""
     channels = shape[channel_axis]
     if offsets is None:
         offsets = np.array(draw(st.lists(_offsets, min_size=channels, max_size=channels)))
     if spreads is None:
         spreads = np.array(draw(st.lists(_spreads, min_size=channels, max_size=channels)))
-    unit = draw(arrays(np.float64, shape, elements=_units))
+    unit = draw(arrays(np.float64, shape, elements=_floats(-1, 1, subnormals)))
     per_channel = [1] * len(shape)
     per_channel[channel_axis] = channels
     x = offsets.reshape(per_channel) + spreads.reshape(per_channel) * unit
-    return x.astype(numpy_dtype(dtype)), offsets, spreads
+    return _flush(x.astype(numpy_dtype(dtype)), subnormals), offsets, spreads
 
 
-def _vector(draw, channels: int, dtype: str, elements) -> np.ndarray:
-    return draw(arrays(np.float64, (channels,), elements=elements)).astype(dtype)
+def _vector(draw, channels: int, dtype: str, elements, subnormals: bool = False) -> np.ndarray:
+    return _flush(draw(arrays(np.float64, (channels,), elements=elements)).astype(dtype),
+                  subnormals)
 
 
 _running_var = st.floats(-3, 4).map(lambda e: 10.0**e)
@@ -177,7 +204,7 @@ def _keep_inference_finite(x, channel_axis, gamma, beta, running_mean, running_v
     needed = (g * reach / np.maximum(limit - b, 1.0)) ** 2
     return np.maximum(running_var, needed).astype(running_var.dtype)
 _momentum = st.one_of(st.just(DEFAULT), st.sampled_from([0.0, 0.1, 0.9, 0.99, 1.0]),
-                      st.floats(0, 1))
+                      _floats(0, 1))
 _eps = st.one_of(st.none(), st.sampled_from([1e-5, 1e-3, 0.1]), st.floats(-6, 0).map(
     lambda e: 10.0**e))
 
@@ -203,13 +230,14 @@ def _geometry(draw, convention: str, ranks: tuple[int, int], max_channels: int,
     """
     if shapes is None:
         rank = draw(st.integers(*ranks))
-        channel_axis, axis = draw(_axis(rank, convention, channel_axis))
+        pinned = None if channel_axis is None else channel_axis % rank
+        channel_axis, axis = draw(_axis(rank, convention, pinned))
         channels = draw(st.integers(1, max_channels))
         return draw(_shape(rank, channel_axis, channels, min_per_channel)), channel_axis, axis
     choices = [
         (shape, a) for shape in shapes if ranks[0] <= len(shape) <= ranks[1]
         for a in range(len(shape))
-        if (channel_axis is None or a == channel_axis) and shape[a] <= max_channels
+        if (channel_axis is None or a == channel_axis % len(shape)) and shape[a] <= max_channels
         and math.prod(shape) // shape[a] >= min_per_channel
     ]
     shape, chosen = draw(st.sampled_from(choices))
@@ -234,13 +262,16 @@ def bn_cases(
     shapes: tuple[tuple[int, ...], ...] | None = None,
     eps: Any = None,
     momentum: Any = None,
+    subnormals: bool = False,
 ) -> BNCase:
     """A valid ``batch_norm`` call. ``None`` for a flag means "either".
 
     ``affine=True`` gives both gamma and beta, ``False`` neither, ``None`` any of the four
     combinations. ``offsets=False`` keeps every channel centred (offset 0). ``channel_axis``
-    pins where the channels are (as a non-negative axis). ``float32_constants`` rounds eps and
-    momentum to float32 values, for built-ins that store them as float32 (ONNX attributes).
+    pins where the channels are (``-1``: the last axis whatever the rank).
+    ``float32_constants`` rounds eps and momentum to float32 values, for built-ins that store
+    them as float32 (ONNX attributes). ``eps``/``momentum`` are strategies replacing the
+    default draws. ``subnormals`` lets drawn values be subnormal.
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
@@ -248,15 +279,17 @@ def bn_cases(
                                                channel_axis, shapes))
     channels = shape[channel_axis]
     zero = np.zeros(channels) if not offsets else None
-    x, _, _ = draw(_values(shape, channel_axis, dtype, offsets=zero))
+    x, _, _ = draw(_values(shape, channel_axis, dtype, offsets=zero, subnormals=subnormals))
     pdtype = param_dtype(dtype)
     # gamma and beta are independent in the API: affine=None draws each on its own.
     use_gamma = draw(st.booleans()) if affine is None else affine
     use_beta = draw(st.booleans()) if affine is None else affine
-    gamma = _vector(draw, channels, pdtype, st.floats(-2, 2)) if use_gamma else None
-    beta = _vector(draw, channels, pdtype, st.floats(-5, 5)) if use_beta else None
+    gamma = _vector(draw, channels, pdtype, _floats(-2, 2, subnormals),
+                    subnormals) if use_gamma else None
+    beta = _vector(draw, channels, pdtype, _floats(-5, 5, subnormals),
+                   subnormals) if use_beta else None
     with_stats = draw(st.booleans()) if running_stats is None else running_stats
-    running_mean = _vector(draw, channels, pdtype, _offsets) if with_stats else None
+    running_mean = _vector(draw, channels, pdtype, _offsets, subnormals) if with_stats else None
     running_var = _vector(draw, channels, pdtype, _running_var) if with_stats else None
     if with_stats:
         running_var = _keep_inference_finite(x, channel_axis, gamma, beta, running_mean,
@@ -289,12 +322,14 @@ def layer_cases(
     channel_axis: int | None = None,
     shapes: tuple[tuple[int, ...], ...] | None = None,
     eps: Any = None,
+    affine: bool | None = None,
+    subnormals: bool = False,
 ) -> LayerCase:
     """Several training batches (same channels, same per-channel offsets) and an eval batch.
 
     ``momentum`` is a strategy (default: DEFAULT, None or a float in [0, 1]);
     ``channel_axis`` pins where the channels are; with a pool of ``shapes`` every batch has
-    the same shape.
+    the same shape. ``affine`` ``None`` means either.
     """
     dtype = draw(st.sampled_from(dtypes))
     convention = draw(st.sampled_from(conventions))
@@ -305,28 +340,31 @@ def layer_cases(
     pdtype = param_dtype(dtype)
     config = LayerConfig(
         num_features=channels, convention=convention, momentum=draw(momentum_strategy),
-        eps=draw(_eps if eps is None else eps), affine=draw(st.booleans()),
+        eps=draw(_eps if eps is None else eps),
+        affine=draw(st.booleans()) if affine is None else affine,
         track_running_stats=(draw(st.booleans()) if track_running_stats is None
                              else track_running_stats),
         axis=axis, param_dtype=pdtype,
     )
     steps = draw(st.integers(1, max_steps))
-    first, offsets, spreads = draw(_values(first_shape, channel_axis, dtype))
+    first, offsets, spreads = draw(_values(first_shape, channel_axis, dtype,
+                                           subnormals=subnormals))
     batches = [first]
     for _ in range(steps):  # later batches may change size, not channels or distribution
         shape = first_shape if shapes is not None else draw(
             _shape(len(first_shape), channel_axis, channels, 2))
-        batches.append(draw(_values(shape, channel_axis, dtype, offsets, spreads))[0])
+        batches.append(draw(_values(shape, channel_axis, dtype, offsets, spreads,
+                                    subnormals))[0])
     initial_state = None
     if load_state if load_state is not None else draw(st.booleans()):
         initial_state = {}
         if config.affine:
-            initial_state["gamma"] = _vector(draw, channels, pdtype, st.floats(-2, 2))
-            initial_state["beta"] = _vector(draw, channels, pdtype, st.floats(-5, 5))
+            initial_state["gamma"] = _vector(draw, channels, pdtype, _floats(-2, 2))
+            initial_state["beta"] = _vector(draw, channels, pdtype, _floats(-5, 5))
         if config.track_running_stats:
             # Loaded statistics come from data like this (a model trained on it), so the
             # inference output stays in float16's range.
-            near = _vector(draw, channels, "float64", st.floats(-10, 10))
+            near = _vector(draw, channels, "float64", _floats(-10, 10))
             initial_state["running_mean"] = (offsets + near).astype(pdtype)
             initial_state["running_var"] = _vector(draw, channels, pdtype, _running_var)
             initial_state["num_batches_tracked"] = np.asarray(draw(st.integers(0, 5)), np.int64)
@@ -337,8 +375,8 @@ def layer_cases(
 def with_dy(draw, cases) -> tuple[BNCase, np.ndarray]:
     """(case, dy): an upstream gradient in [-1, 1] of ``case.x``'s shape and dtype."""
     case = draw(cases)
-    dy = draw(arrays(np.float64, case.x.shape, elements=st.floats(-1, 1)), label="dy")
-    return case, dy.astype(case.x.dtype)
+    dy = draw(arrays(np.float64, case.x.shape, elements=_floats(-1, 1)), label="dy")
+    return case, _flush(dy.astype(case.x.dtype), False)
 
 
 @st.composite
@@ -347,10 +385,78 @@ def with_directions(draw, cases) -> tuple[BNCase, np.ndarray, dict[str, np.ndarr
     float64, for central differences."""
     case, dy = draw(with_dy(cases))
     channels = case.x.shape[case.channel_axis]
-    unit = st.floats(-1, 1)
+    unit = _floats(-1, 1)
     direction = {
         "x": draw(arrays(np.float64, case.x.shape, elements=unit), label="x direction"),
         "gamma": draw(arrays(np.float64, (channels,), elements=unit), label="gamma direction"),
         "beta": draw(arrays(np.float64, (channels,), elements=unit), label="beta direction"),
     }
     return case, dy, direction
+
+
+class Unsupported(Exception):
+    """A property asks for cases outside what a backend declares (the message says which)."""
+
+
+def _restrict(backend, wanted: dict[str, Any], layer: bool) -> dict[str, Any]:
+    name = backend.name
+    out: dict[str, Any] = {"dtypes": tuple(backend.dtypes),
+                           "conventions": tuple(backend.conventions),
+                           "shapes": backend.shape_pool, "ranks": tuple(backend.ranks),
+                           "subnormals": backend.subnormals}
+    if backend.channel_axis is not None:
+        out["channel_axis"] = backend.channel_axis
+    if backend.fixed_eps is not None:
+        out["eps"] = st.just(backend.fixed_eps)
+    if backend.fixed_momentum is not None:
+        out["momentum"] = st.just(backend.fixed_momentum)
+    elif layer and not backend.cumulative:
+        out["momentum"] = _momentum
+    if layer:
+        if backend.always_tracks:
+            out["track_running_stats"] = True
+        if not backend.layer_affine_optional:
+            out["affine"] = True
+    else:
+        if not backend.optional_affine:
+            out["affine"] = True
+        if not backend.optional_running_stats:
+            out["running_stats"] = True
+    for key, value in wanted.items():
+        if key in ("dtypes", "conventions"):
+            kept = tuple(v for v in value if v in out[key])
+            if not kept:
+                raise Unsupported(f"backend {name!r} declares {key} {out[key]}, this property "
+                                  f"needs one of {tuple(value)}")
+            out[key] = kept
+        elif key == "ranks":
+            low, high = max(value[0], out["ranks"][0]), min(value[1], out["ranks"][1])
+            if low > high:
+                raise Unsupported(f"backend {name!r} declares ranks {out['ranks']}, this "
+                                  f"property needs {tuple(value)}")
+            out["ranks"] = (low, high)
+        elif key in ("eps", "momentum") and key in out and value is not None:
+            if getattr(backend, f"fixed_{key}") is None:  # only the layer's momentum=None
+                raise Unsupported(f"backend {name!r} declares no cumulative average "
+                                  "(cumulative=False), this property needs momentum=None")
+            raise Unsupported(f"backend {name!r} declares fixed_{key}="
+                              f"{getattr(backend, f'fixed_{key}')!r}, this property varies "
+                              f"{key}")
+        elif (key in ("affine", "running_stats", "track_running_stats", "channel_axis")
+              and value is not None and out.get(key) is not None and out[key] != value):
+            raise Unsupported(f"backend {name!r} always has {key}={out[key]!r}, this "
+                              f"property needs {key}={value!r}")
+        elif value is not None or key not in out:
+            out[key] = value
+    return out
+
+
+def cases_for(backend, **wanted: Any):
+    """:func:`bn_cases` within what ``backend`` declares, further restricted by ``wanted``
+    (``bn_cases`` arguments). Raises :class:`Unsupported` when the two cannot both hold."""
+    return bn_cases(**_restrict(backend, wanted, layer=False))
+
+
+def layer_cases_for(backend, **wanted: Any):
+    """:func:`layer_cases` within what ``backend`` declares (see :func:`cases_for`)."""
+    return layer_cases(**_restrict(backend, wanted, layer=True))
