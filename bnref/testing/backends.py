@@ -153,6 +153,14 @@ class Backend:
         return frozenset(name for name in ("gradients", "make_layer", "builtin", "layer_builtin")
                          if getattr(type(self), name) is not getattr(Backend, name))
 
+    def reproducer(self) -> str:
+        """Python lines that rebuild this adapter as ``backend`` (failure snippets start so)."""
+        info = KNOWN_BACKENDS.get(self.name)
+        if info is not None and info.module:
+            return f"from bnref.testing import load_backend\nbackend = load_backend({self.name!r})"
+        cls = type(self)
+        return f"from {cls.__module__} import {cls.__qualname__}\nbackend = {cls.__qualname__}()"
+
     def declared(self) -> dict[str, Any]:
         """The declarations that differ from an unrestricted implementation's (for reports)."""
         return {name: getattr(self, name) for name in _DECLARATIONS
