@@ -43,6 +43,7 @@ __all__ = [
     "check_layer_mistake",
     "check_mistake",
     "oracle_forward",
+    "state_comparison",
 ]
 
 
@@ -218,11 +219,9 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer",
             mean_err, var_err = mean_err + step_mean, var_err + step_var
         if config.track_running_stats:
             results += [
-                compare(state.get("running_mean"), expected.get("running_mean"), mean_err,
-                        f"{label} running_mean vs {against}"),
-                compare(state.get("running_var"), expected.get("running_var"), var_err,
-                        f"{label} running_var vs {against}"),
-            ]
+                state_comparison(state, name, expected.get(name), err,
+                                 f"{label} {name} vs {against}")
+                for name, err in (("running_mean", mean_err), ("running_var", var_err))]
             if "num_batches_tracked" in state or config.momentum is None:
                 # A counter where the framework keeps one (always for the cumulative average).
                 results.append(_exact(
@@ -235,6 +234,21 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer",
                                   "running_mean" not in state and "running_var" not in state,
                                   f"  state has {sorted(state)}"))
     return results
+
+
+def state_comparison(state: dict[str, np.ndarray], name: str, expected, tolerance,
+                     what: str) -> Comparison:
+    """``compare`` for one entry of a layer's state, saying in words when the entry is
+    missing or has another shape (the usual sign of a renamed variable or a wrong axis)."""
+    if name not in state and expected is not None:
+        return _exact(what, False, f"your layer's state has no {name!r} (it has "
+                      f"{sorted(state)}); map your names to bnref's in the adapter's state()")
+    got = state.get(name)
+    if got is not None and expected is not None and np.shape(got) != np.shape(expected):
+        return _exact(what, False, f"your layer's state has {name} of shape "
+                      f"{np.shape(got)}, expected {np.shape(expected)}: is the channel axis "
+                      "right?")
+    return compare(got, expected, tolerance, what)
 
 
 def check_builtin_gradients(backend: Backend, builtin: Builtin, case: BNCase, dy: np.ndarray,

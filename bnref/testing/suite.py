@@ -45,8 +45,10 @@ from bnref.testing.checks import (
     check_layer,
     check_layer_mistake,
     check_mistake,
+    state_comparison,
 )
 from bnref.testing.profiles import suite_settings
+from bnref.testing.report import diagnosis_text, snippet
 from bnref.testing.strategies import (
     Unsupported,
     bn_cases,
@@ -138,10 +140,21 @@ def _layer_cases(backend: Backend, **restrictions):
         pytest.skip(str(reason))
 
 
-def assert_all(results: list[Comparison], context: object = "") -> None:
+def assert_all(results: list[Comparison], context: object = "",
+               backend: Backend | None = None) -> None:
+    """Raise ``AssertionError`` listing the failed comparisons and the case; given the
+    ``backend``, also a snippet reproducing the case with it and the diagnosis of what its
+    implementation does differently (:mod:`bnref.testing.diagnose`)."""
     failures = [str(r) for r in results if not r.passed]
-    if failures:
-        raise AssertionError("\n".join([*failures, f"case: {context!r}"]))
+    if not failures:
+        return
+    lines = [*failures, f"case: {context!r}"]
+    if backend is not None:
+        lines.append(f"diagnosis: {diagnosis_text(backend)}")
+        code = snippet(backend, context)
+        if code is not None:
+            lines += ["reproduce with:", *("    " + line for line in code.splitlines())]
+    raise AssertionError("\n".join(lines))
 
 
 def _per_channel(values, ndim: int, axis: int) -> np.ndarray:
@@ -154,7 +167,7 @@ def _per_channel(values, ndim: int, axis: int) -> np.ndarray:
 def test_forward_matches_oracle(backend: Backend, data) -> None:
     """Output and running statistics agree with the float64 oracle, for every convention."""
     case = data.draw(_cases(backend), label="case")
-    assert_all(check_forward(backend, case), case)
+    assert_all(check_forward(backend, case), case, backend)
 
 
 @property_test
@@ -162,7 +175,7 @@ def test_gradients_match_oracle(backend: Backend, data) -> None:
     """dx, dgamma and dbeta of training-mode batch_norm agree with the analytic backward."""
     _needs(backend, "gradients")
     case, dy = data.draw(with_dy(_cases(backend, training=True)), label="case and dy")
-    assert_all(check_gradients(backend, case, dy), case)
+    assert_all(check_gradients(backend, case, dy), case, backend)
 
 
 @property_test
@@ -174,7 +187,7 @@ def test_gradients_match_finite_differences(backend: Backend, data) -> None:
         pytest.skip(f"backend {backend.name!r} has no float64")
     cases = _cases(backend, dtypes=("float64",), training=True)
     case, dy, direction = data.draw(with_directions(cases), label="case, dy, direction")
-    assert_all(check_finite_differences(backend, case, dy, direction), case)
+    assert_all(check_finite_differences(backend, case, dy, direction), case, backend)
 
 
 @property_test
@@ -183,7 +196,7 @@ def test_layer_trajectory_matches_oracle(backend: Backend, data) -> None:
     (outputs, running statistics, batch counter), with and without loaded state."""
     _needs(backend, "make_layer")
     case = data.draw(_layer_cases(backend), label="layer case")
-    assert_all(check_layer(backend, case), case)
+    assert_all(check_layer(backend, case), case, backend)
 
 
 @property_test
@@ -212,7 +225,7 @@ def test_training_output_has_mean_beta_and_std_gamma(backend: Backend, data) -> 
     expected_std = np.abs(gamma) * np.sqrt(stats.var / (stats.var + eps))
     assert_all([compare(y_mean, beta, channel_tol, "channel mean of y"),
                 compare(y_std, expected_std, channel_tol, "channel std of y")],
-               case)
+               case, backend)
 
 
 @property_test
@@ -248,7 +261,8 @@ def test_invariance_under_positive_affine_input_maps(backend: Backend, data) -> 
     # ... and the variance by that relative amount, which moves xhat by up to sqrt(n) times it.
     input_rounding = input_rounding * (1 + np.sqrt(shifted_stats.count))
     tol = tol_of(case) + tol_of(shifted) + _per_channel(input_rounding, case.x.ndim, axis)
-    assert_all([compare(y_shifted, y, tol, "batch_norm(a*x+b) vs batch_norm(x)")], case)
+    assert_all([compare(y_shifted, y, tol, "batch_norm(a*x+b) vs batch_norm(x)")], case,
+               backend)
 
 
 @property_test
@@ -272,7 +286,8 @@ def test_batch_permutation_equivariance(backend: Backend, data) -> None:
         stat_dtype=case.running_mean.dtype.name)
     assert_all([compare(y_p, np.take(y, perm, axis=batch_axis), tol, "y of permuted batch"),
                 compare(mean_p, mean, 2 * mean_tol, "running_mean of permuted batch"),
-                compare(var_p, var, 2 * var_tol, "running_var of permuted batch")], case)
+                compare(var_p, var, 2 * var_tol, "running_var of permuted batch")], case,
+               backend)
 
 
 @property_test
@@ -292,7 +307,7 @@ def test_inference_is_a_per_channel_affine_map(backend: Backend, data) -> None:
                 + _per_channel(intercept, ndim, axis))
     tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta, eps=eps,
                             mean=case.running_mean, var=case.running_var, batch_stats=False)
-    assert_all([compare(y, expected, tol, "inference output vs A*x+B")], case)
+    assert_all([compare(y, expected, tol, "inference output vs A*x+B")], case, backend)
 
 
 @property_test
@@ -332,7 +347,8 @@ def test_running_stat_recurrence(backend: Backend, data) -> None:
         mean_tol = mean_tol + step_mean
         var_tol = var_tol + step_var
     assert_all([compare(mean, expected_mean, mean_tol, "running_mean after the steps"),
-                compare(var, expected_var, var_tol, "running_var after the steps")], first)
+                compare(var, expected_var, var_tol, "running_var after the steps")], first,
+               backend)
 
 
 @property_test
@@ -360,11 +376,13 @@ def test_cumulative_average_layer(backend: Backend, data) -> None:
         mean_tol, var_tol = mean_tol + step_mean, var_tol + step_var
     state = layer.state()
     assert_all([
-        compare(state["running_mean"], np.mean(means, axis=0), mean_tol, "running_mean"),
-        compare(state["running_var"], np.mean(variances, axis=0), var_tol, "running_var"),
-        compare(np.asarray(state["num_batches_tracked"]), np.asarray(len(case.batches)), 0.0,
-                "num_batches_tracked"),
-    ], case)
+        state_comparison(state, "running_mean", np.mean(means, axis=0), mean_tol,
+                         "running_mean"),
+        state_comparison(state, "running_var", np.mean(variances, axis=0), var_tol,
+                         "running_var"),
+        state_comparison(state, "num_batches_tracked", np.asarray(len(case.batches)), 0.0,
+                         "num_batches_tracked"),
+    ], case, backend)
 
 
 @property_test
@@ -379,7 +397,7 @@ def test_single_value_per_channel_outside_torch(backend: Backend, data) -> None:
     first_values = tuple(slice(None) if i == case.channel_axis else slice(0, 1)
                          for i in range(case.x.ndim))
     case = case.with_(x=np.ascontiguousarray(case.x[first_values]))
-    assert_all(check_forward(backend, case), case)
+    assert_all(check_forward(backend, case), case, backend)
 
 
 @property_test
@@ -388,7 +406,7 @@ def test_matches_builtin(backend: Backend, builtin_name: str, data) -> None:
     (the ``builtin_name`` fixture names one; see ``Builtin.cases`` for the restrictions)."""
     builtin = backend.builtin(builtin_name)
     case = data.draw(bn_cases(**{"shapes": backend.shape_pool, **builtin.cases}), label="case")
-    assert_all(check_builtin(backend, builtin, case), case)
+    assert_all(check_builtin(backend, builtin, case), case, backend)
 
 
 @property_test
@@ -397,7 +415,7 @@ def test_gradients_match_builtin(backend: Backend, gradient_builtin_name: str, d
     builtin = backend.builtin(gradient_builtin_name)
     cases = bn_cases(**{"shapes": backend.shape_pool, **builtin.cases, "training": True})
     case, dy = data.draw(with_dy(cases), label="case and dy")
-    assert_all(check_builtin_gradients(backend, builtin, case, dy), case)
+    assert_all(check_builtin_gradients(backend, builtin, case, dy), case, backend)
 
 
 @property_test
@@ -407,7 +425,7 @@ def test_layer_matches_builtin_layer(backend: Backend, layer_builtin_name: str, 
     builtin = backend.layer_builtin(layer_builtin_name)
     case = data.draw(layer_cases(**{"shapes": backend.shape_pool, **builtin.cases}),
                      label="layer case")
-    assert_all(check_layer(backend, case, reference=builtin), case)
+    assert_all(check_layer(backend, case, reference=builtin), case, backend)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.id)
@@ -418,7 +436,7 @@ def test_bad_input_raises_and_modifies_nothing(backend: Backend, mistake: Mistak
     reason = mistake.applies_to(backend)
     if reason is not None:
         pytest.skip(reason)
-    assert_all(check_mistake(backend, mistake), mistake.id)
+    assert_all(check_mistake(backend, mistake), mistake.id, backend)
 
 
 @pytest.mark.parametrize("mistake", LAYER_MISTAKES, ids=lambda m: m.id)
@@ -428,4 +446,4 @@ def test_bad_layer_arguments_raise(backend: Backend, mistake: LayerMistake) -> N
     _needs(backend, "make_layer")
     if not backend.exact_errors:
         pytest.skip("bnref's own layer contract (declare exact_errors=True to be held to it)")
-    assert_all(check_layer_mistake(backend, mistake), mistake.id)
+    assert_all(check_layer_mistake(backend, mistake), mistake.id, backend)

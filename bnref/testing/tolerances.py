@@ -272,6 +272,10 @@ class Comparison:
         return self.ratio <= 1.0
 
     def __str__(self) -> str:
+        if not self.passed and self.tolerance == 0 and not np.isfinite(self.ratio):
+            # Not a numerical difference (a missing value, a shape, a dtype, an exception):
+            # the detail says what, and "error inf, tolerance 0" would only hide it.
+            return f"{self.what}: {self.detail.strip()} [FAIL]"
         verdict = "ok" if self.passed else "FAIL"
         text = (f"{self.what}: max |error| {self.max_error:.3g}, tolerance there "
                 f"{self.tolerance:.3g}, error/tolerance {self.ratio:.3g} [{verdict}]")
@@ -282,13 +286,16 @@ def compare(actual, expected, tolerance, what: str) -> Comparison:
     """Compare element-wise: ``|actual - expected| <= tolerance`` (NaN/inf must match exactly)."""
     if actual is None or expected is None:
         same = actual is None and expected is None
+        detail = ("got None where a value was expected" if actual is None
+                  else f"got an array of shape {np.shape(actual)} where None was expected")
         return Comparison(what, 0.0 if same else np.inf, 0.0, 0.0 if same else np.inf,
-                          f"expected {'None' if expected is None else 'an array'}, got "
-                          f"{'None' if actual is None else 'an array'}")
+                          "" if same else detail)
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
     if a.shape != e.shape:
-        return Comparison(what, np.inf, 0.0, np.inf, f"shape {a.shape} != expected {e.shape}")
+        hint = ": is the channel axis right?" if a.ndim == e.ndim else ""
+        return Comparison(what, np.inf, 0.0, np.inf,
+                          f"got shape {a.shape}, expected {e.shape}{hint}")
     tol = np.broadcast_to(np.asarray(tolerance, np.float64), e.shape)
     both_nonfinite_equal = ~np.isfinite(e) & (a == e) | (np.isnan(e) & np.isnan(a))
     error = np.where(both_nonfinite_equal, 0.0, np.abs(a - e))
