@@ -43,13 +43,22 @@ class Row:
     ratio: float = 0.0
     max_error: float = 0.0
     detail: str = ""
+    skipped: str = ""  # why the row did not run (a capability the adapter does not declare)
+    first_failure: int | None = None  # 1-based index of the first failing case
 
     @property
     def passed(self) -> bool:
-        return self.cases > 0 and self.ratio <= 1.0
+        return bool(self.skipped) or (self.cases > 0 and self.ratio <= 1.0)
+
+    @property
+    def verdict(self) -> str:
+        return "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
 
     def add(self, comparisons: Iterable[Any]) -> None:
         self.cases += 1
+        comparisons = list(comparisons)
+        if self.first_failure is None and not all(r.passed for r in comparisons):
+            self.first_failure = self.cases
         for result in comparisons:
             self.max_error = max(self.max_error, result.max_error)
             if result.ratio > self.ratio or (not result.passed and not self.detail):
@@ -61,6 +70,8 @@ class Row:
     def crashed(self, error: Exception) -> None:
         """A case that raised: a failure of the row, with no element to show."""
         self.cases += 1
+        if self.first_failure is None:
+            self.first_failure = self.cases
         self.ratio, self.error, self.tolerance = float("inf"), float("inf"), 0.0
         self.detail = f"{type(error).__name__}: {error}"
 
@@ -71,7 +82,8 @@ class Row:
                 "cases": self.cases, "deciding_error": self.error,
                 "deciding_tolerance": self.tolerance, "ratio": self.ratio,
                 "max_error": self.max_error, "tolerance": self.tolerance,
-                "passed": self.passed, "detail": self.detail}
+                "passed": self.passed, "skipped": self.skipped,
+                "first_failure": self.first_failure, "detail": self.detail}
 
 
 class Progress:
@@ -136,6 +148,11 @@ class Task:
     dtype: str
     cases: Callable[[], list[Any]]
     run: Callable[[Any], list[Any]]
+    skipped: str = ""  # non-empty: the row is reported as skipped, with this reason
+
+
+def _skip(check: str, dtype: str, reason: str) -> Task:
+    return Task(check, dtype, list, lambda case: [], skipped=reason)
 
 
 def _case_count(examples: int, *backends) -> int:
@@ -148,52 +165,70 @@ def _case_count(examples: int, *backends) -> int:
     return examples
 
 
-def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> list[Task]:
+def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
+           registered: bool = True) -> list[Task]:
+    """Every row of one backend, drawn inside what its adapter declares; a capability it does
+    not have (gradients, a layer) or a case it cannot take is a skipped row with the reason."""
     from bnref.testing import checks, strategies
     from bnref.testing.backends import KNOWN_BACKENDS
-    from bnref.testing.strategies import with_directions, with_dy
+    from bnref.testing.strategies import Unsupported, with_directions, with_dy
 
     def wanted(dtype: str) -> bool:
         return dtypes is None or dtype in dtypes
 
     count = _case_count(examples, backend)
-    pool = {"shapes": backend.shape_pool}
+    capabilities = backend.capabilities
+
+    def row(check: str, dtype: str, needs: str | None, strategy, run) -> Task:
+        if needs is not None and needs not in capabilities:
+            return _skip(check, dtype, f"the adapter has no {needs}")
+        try:
+            drawn = strategy()
+        except Unsupported as reason:
+            return _skip(check, dtype, str(reason))
+        return Task(check, dtype, lambda: draw_examples(drawn, count), run)
+
+    def bn_cases(**restrictions):
+        return lambda: strategies.cases_for(backend, **restrictions)
 
     def drawn(strategy):
         return lambda: draw_examples(strategy, count)
 
-    def bn_cases(**restrictions):
-        return strategies.bn_cases(**{**pool, **restrictions})
-
-    def layer_cases(**restrictions):
-        return strategies.layer_cases(**{**pool, **restrictions})
-
     tasks: list[Task] = []
     for dtype in filter(wanted, backend.dtypes):
-        if name == "numpy" and dtype == "float64":
+        if registered and name == "numpy" and dtype == "float64":
             continue  # the oracle itself: compared with itself it proves nothing
+        one = (dtype,)
         tasks += [
-            Task("forward", dtype, drawn(bn_cases(dtypes=(dtype,))),
-                 lambda case: checks.check_forward(backend, case)),
-            Task("gradients", dtype, drawn(with_dy(bn_cases(dtypes=(dtype,), training=True))),
-                 lambda pair: checks.check_gradients(backend, *pair)),
-            Task("layer", dtype, drawn(layer_cases(dtypes=(dtype,))),
-                 lambda case: checks.check_layer(backend, case)),
+            row("forward", dtype, None, bn_cases(dtypes=one),
+                lambda case: checks.check_forward(backend, case)),
+            row("gradients", dtype, "gradients",
+                lambda one=one: with_dy(strategies.cases_for(backend, dtypes=one,
+                                                             training=True)),
+                lambda pair: checks.check_gradients(backend, *pair)),
+            row("layer", dtype, "make_layer",
+                lambda one=one: strategies.layer_cases_for(backend, dtypes=one),
+                lambda case: checks.check_layer(backend, case)),
         ]
     if wanted("float64") and "float64" in backend.dtypes:
-        cases = bn_cases(dtypes=("float64",), training=True, running_stats=False)
-        tasks.append(Task("finite differences", "float64", drawn(with_directions(cases)),
-                          lambda triple: checks.check_finite_differences(backend, *triple)))
+        tasks.append(row(
+            "finite differences", "float64", "gradients",
+            lambda: with_directions(strategies.cases_for(backend, dtypes=("float64",),
+                                                         training=True)),
+            lambda triple: checks.check_finite_differences(backend, *triple)))
 
-    info = KNOWN_BACKENDS[name]
+    info = KNOWN_BACKENDS.get(name) if registered else None
+    pool = {"shapes": backend.shape_pool}
     # (label, names, built-in getter, strategy from its restrictions, check)
     kinds = [
-        ("vs", info.builtins, backend.builtin, lambda r: bn_cases(**r),
+        ("vs", info.builtins if info else (), backend.builtin,
+         lambda r: strategies.bn_cases(**{**pool, **r}),
          lambda b: lambda case: checks.check_builtin(backend, b, case)),
-        ("gradients vs", info.gradient_builtins, backend.builtin,
-         lambda r: with_dy(bn_cases(**{**r, "training": True})),
+        ("gradients vs", info.gradient_builtins if info else (), backend.builtin,
+         lambda r: with_dy(strategies.bn_cases(**{**pool, **r, "training": True})),
          lambda b: lambda pair: checks.check_builtin_gradients(backend, b, *pair)),
-        ("layer vs", info.layer_builtins, backend.layer_builtin, lambda r: layer_cases(**r),
+        ("layer vs", info.layer_builtins if info else (), backend.layer_builtin,
+         lambda r: strategies.layer_cases(**{**pool, **r}),
          lambda b: lambda case: checks.check_layer(backend, case, reference=b)),
     ]
     for label, names, get, strategy, check in kinds:
@@ -203,10 +238,12 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None) -> l
                 restrictions = {**builtin.cases, "dtypes": (dtype,)}
                 tasks.append(Task(f"{label} {builtin_name}", dtype,
                                   drawn(strategy(restrictions)), check(builtin)))
-    tasks.append(Task("bad input", "-", lambda: list(checks.MISTAKES),
+    mistakes = [m for m in checks.MISTAKES if m.applies_to(backend) is None]
+    tasks.append(Task("bad input", "-", lambda: mistakes,
                       lambda mistake: checks.check_mistake(backend, mistake)))
-    tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),
-                      lambda mistake: checks.check_layer_mistake(backend, mistake)))
+    if backend.exact_errors and "make_layer" in capabilities:
+        tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),
+                          lambda mistake: checks.check_layer_mistake(backend, mistake)))
     return tasks
 
 
@@ -284,9 +321,13 @@ def _unit_rows(unit: str, examples: int, dtypes: Sequence[str] | None) -> list[R
         tasks = _pair_tasks(load_backend(first), load_backend(second), examples, dtypes)
     else:
         tasks = _tasks(unit, load_backend(unit), examples, dtypes)
+    return _run_tasks(unit, tasks)
+
+
+def _run_tasks(unit: str, tasks: Sequence[Task]) -> list[Row]:
     rows = []
     for task in tasks:
-        row = Row(unit, task.check, task.dtype)
+        row = Row(unit, task.check, task.dtype, skipped=task.skipped)
         for case in task.cases():
             try:
                 row.add(task.run(case))
@@ -349,11 +390,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     ratio); "max |error| anywhere" is the largest error of any element, under its own
     (possibly much wider) tolerance, and does not decide the row."""
     body = [[r.backend, r.check, r.dtype, str(r.cases), f"{r.error:.3g}", f"{r.tolerance:.3g}",
-             f"{r.ratio:.3g}", f"{r.max_error:.3g}", "PASS" if r.passed else "FAIL"]
+             f"{r.ratio:.3g}", f"{r.max_error:.3g}", r.verdict]
+            if not r.skipped else [r.backend, r.check, r.dtype, "0", "-", "-", "-", "-", "SKIP"]
             for r in rows]
     text = _table(TABLE_HEADERS, body)
     failures = [f"{r.backend} {r.check} {r.dtype}: {r.detail}" for r in rows if not r.passed]
-    return text + ("\n\nFailures:\n" + "\n".join(failures) if failures else "")
+    skipped = [f"{r.backend} {r.check} {r.dtype}: {r.skipped}" for r in rows if r.skipped]
+    return (text + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "")
+            + ("\n\nFailures:\n" + "\n".join(failures) if failures else ""))
 
 
 def conventions_table() -> str:
@@ -370,10 +414,117 @@ def conventions_table() -> str:
                    "running var", "axis", "gamma, beta, mean, var names"], body)
 
 
+def _add_implementation_arguments(command, required: bool) -> None:
+    """--implementation / --layer and what the default adapter needs to know."""
+    what = command.add_mutually_exclusive_group(required=required)
+    what.add_argument("--implementation", metavar="MODULE:FUNCTION",
+                      help="your batch_norm function (bnref's functional signature; "
+                           "'pkg.module:name' or 'path/to/file.py:name')")
+    what.add_argument("--layer", metavar="MODULE:CLASS", help="your batch-norm layer class")
+    command.add_argument("--framework", choices=("numpy", "torch", "jax", "tf", "mxnet"),
+                         help="the framework it is written in (with --implementation/--layer)")
+    command.add_argument("--convention", default=None,
+                         help="the convention it claims to follow: torch, keras, flax, mxnet "
+                              "or onnx (default: the framework's own)")
+    command.add_argument("--declare", action="append", default=[], metavar="NAME=VALUE",
+                         help="an adapter declaration, e.g. ranks=(4,4), channel_axis=-1, "
+                              "optional_affine=True (repeatable; see bnref.testing.Backend)")
+    command.add_argument("--layer-kwargs", default=None, metavar="JSON",
+                         help="extra constructor arguments for --layer, as a JSON object")
+
+
+_FRAMEWORK_CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "tf": "keras",
+                         "mxnet": "mxnet"}
+
+
+def _declarations(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--declare must be NAME=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[name.strip()] = raw.strip()
+    return out
+
+
+def third_party_backend(args: argparse.Namespace):
+    """The default adapter for ``--implementation``/``--layer`` (see bnref.testing.adapters)."""
+    from bnref.testing.adapters import function_backend, layer_backend
+
+    if args.framework is None:
+        raise ValueError("--framework is required with --implementation/--layer "
+                         "(numpy, torch, jax, tf or mxnet)")
+    if os.getcwd() not in sys.path:  # 'pkg.module' relative to where the command runs
+        sys.path.insert(0, os.getcwd())
+    convention = args.convention or _FRAMEWORK_CONVENTION[args.framework]
+    declarations = _declarations(args.declare)
+    if args.implementation:
+        return function_backend(args.implementation, framework=args.framework,
+                                convention=convention, **declarations)
+    kwargs = json.loads(args.layer_kwargs) if args.layer_kwargs else None
+    return layer_backend(args.layer, framework=args.framework, convention=convention,
+                         layer_kwargs=kwargs, **declarations)
+
+
+def _check_third_party(args: argparse.Namespace) -> int:
+    from bnref.testing.diagnose import diagnose
+
+    backend = third_party_backend(args)
+    started = time.monotonic()
+    rows = _run_tasks(backend.name, _tasks(backend.name, backend, args.examples, args.dtypes,
+                                           registered=False))
+    diagnosis = diagnose(backend)
+    elapsed = time.monotonic() - started
+    passed = all(r.passed for r in rows)
+    if args.json:
+        print(json.dumps({"passed": passed, "seconds": round(elapsed, 2),
+                          "declared": _jsonable(backend.declared()),
+                          "diagnosis": _diagnosis_dict(diagnosis),
+                          "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(format_rows(rows))
+        verdict = "all PASS" if passed else f"{sum(not r.passed for r in rows)} FAIL"
+        print(f"\n{len(rows)} rows, {verdict}, {elapsed:.1f} s")
+        print(f"\ndiagnosis: {diagnosis.text}")
+    return 0 if passed else 1
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def _diagnosis_dict(diagnosis) -> dict[str, Any]:
+    return {"convention": diagnosis.convention, "fits": diagnosis.fits,
+            "conforms": diagnosis.conforms, "findings": list(diagnosis.findings),
+            "text": diagnosis.text}
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    """``bnref diagnose``: exit 0 when the implementation conforms, 1 otherwise."""
+    from bnref.testing.diagnose import diagnose
+
+    diagnosis = diagnose(third_party_backend(args))
+    if args.json:
+        print(json.dumps(_diagnosis_dict(diagnosis), indent=2))
+    else:
+        print(diagnosis.text)
+    return 0 if diagnosis.conforms else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bnref", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="run the conformance matrix")
+    check = sub.add_parser("check", help="run the conformance matrix (of bnref's backends, or "
+                                         "of your implementation with --implementation/--layer)")
     check.add_argument("--backends", help="comma-separated (default: every installed one)")
     check.add_argument("--dtype", action="append", dest="dtypes",
                        help="only this dtype (repeatable)")
@@ -383,9 +534,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="worker processes (default: 2, or 1 on one core)")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_implementation_arguments(check, required=False)
+    diag = sub.add_parser("diagnose", help="name the classic batch-norm mistakes your "
+                                           "implementation makes, if any (exit 1 if any)")
+    _add_implementation_arguments(diag, required=True)
+    diag.add_argument("--json", action="store_true")
     conv = sub.add_parser("conventions", help="print the conventions table")
     conv.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command in ("check", "diagnose") and (args.implementation or args.layer):
+        if args.convention is not None and args.convention not in ALL_CONVENTIONS:
+            parser.error(f"--convention must be one of {sorted(ALL_CONVENTIONS)}, got "
+                         f"{args.convention!r}")
+        try:
+            return (_diagnose if args.command == "diagnose" else _check_third_party)(args)
+        except (ValueError, TypeError, ImportError, AttributeError) as error:
+            print(f"bnref {args.command}: {error}", file=sys.stderr)
+            return 2
 
     if args.command == "conventions":
         if args.json:

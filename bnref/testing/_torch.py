@@ -118,6 +118,8 @@ def _functional_gradients(x, gamma, beta, dy, *, eps, axis=1):
 
 
 class TorchBackend(Backend):
+    # The one-line built-in comparison third parties use, exercised on bnref's own adapter.
+    compare_with = ("torch.nn.BatchNorm2d", "torch.nn.functional.batch_norm")
     exact_errors = True  # bnref's own tier: the contract's exact exception messages
     name = "torch"
     array_type = bt.functional.ARRAY_TYPE

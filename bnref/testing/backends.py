@@ -27,6 +27,7 @@ import numpy as np
 from bnref.conventions import CONVENTIONS, DEFAULT
 
 __all__ = [
+    "BUILTIN_ALIASES",
     "KNOWN_BACKENDS",
     "Backend",
     "BackendInfo",
@@ -37,6 +38,7 @@ __all__ = [
     "installed_backends",
     "is_installed",
     "load_backend",
+    "named_builtin",
     "register_backend",
     "required_backends",
 ]
@@ -123,7 +125,10 @@ class Backend:
     - ``subnormals``: opt in to subnormal values in drawn inputs (some frameworks refuse them);
     - ``shape_pool`` / ``example_scale``: for frameworks that compile per shape, draw shapes
       from a small pool (:data:`bnref.testing.strategies.SHAPE_POOL`) and run that share of
-      the profile's examples.
+      the profile's examples;
+    - ``compare_with``: names of frameworks' own batch norms to compare with, step by step
+      (``("torch.nn.BatchNorm2d",)``; any name of :data:`KNOWN_BACKENDS`' built-ins, or of
+      :data:`BUILTIN_ALIASES`): the suite's ``test_agrees_with_named_builtins`` runs them.
     """
 
     name: str = "custom"
@@ -146,6 +151,7 @@ class Backend:
     layer_affine_optional: bool = True
     exact_errors: bool = False
     subnormals: bool = False
+    compare_with: tuple[str, ...] = ()
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -212,7 +218,7 @@ class Backend:
 _DECLARATIONS = ("dtypes", "conventions", "ranks", "channel_axis", "fixed_eps", "fixed_momentum",
                  "optional_affine", "optional_running_stats", "cumulative", "always_tracks",
                  "layer_affine_optional", "exact_errors", "subnormals", "shape_pool",
-                 "example_scale")
+                 "example_scale", "compare_with")
 
 
 @dataclass(frozen=True)
@@ -328,3 +334,34 @@ def load_backend(name: str) -> Backend:
             factory = getattr(importlib.import_module(module_name), attr)
         _LOADED[name] = factory()
     return _LOADED[name]
+
+
+# Names users know, for built-ins the registry knows under another name: (registered name,
+# restrictions of the drawn cases).
+BUILTIN_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "torch.nn.BatchNorm1d": ("torch.nn.BatchNormNd", {"ranks": (2, 3)}),
+    "torch.nn.BatchNorm2d": ("torch.nn.BatchNormNd", {"ranks": (4, 4)}),
+    "torch.nn.BatchNorm3d": ("torch.nn.BatchNormNd", {"ranks": (5, 5)}),
+    "keras.layers.BatchNormalization": ("keras.layers.BatchNormalization", {}),
+    "tf.keras.layers.BatchNormalization": ("keras.layers.BatchNormalization", {}),
+    "mxnet.gluon.nn.BatchNorm": ("mxnet.gluon.nn.BatchNorm", {}),
+    "ONNX BatchNormalization": ("onnxruntime", {}),
+}
+
+
+def named_builtin(name: str, layer: bool) -> tuple[Builtin | LayerBuiltin, dict[str, Any]]:
+    """The framework's own batch norm called ``name`` -- a layer (``layer=True``, when the
+    name has one) or a function -- and extra case restrictions, for ``compare_with``."""
+    registered, extra = BUILTIN_ALIASES.get(name, (name, {}))
+    for info in KNOWN_BACKENDS.values():
+        if layer and registered in info.layer_builtins:
+            return load_backend(info.name).layer_builtin(registered), extra
+    for info in KNOWN_BACKENDS.values():
+        if registered in info.builtins:
+            return load_backend(info.name).builtin(registered), extra
+    for info in KNOWN_BACKENDS.values():
+        if registered in info.layer_builtins:
+            return load_backend(info.name).layer_builtin(registered), extra
+    known = sorted({*BUILTIN_ALIASES, *(n for i in KNOWN_BACKENDS.values()
+                                        for n in (*i.builtins, *i.layer_builtins))})
+    raise ValueError(f"compare_with names an unknown built-in {name!r}; known: {known}")

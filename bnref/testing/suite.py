@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bnref.conventions import CONVENTIONS, get_convention
-from bnref.testing.backends import Backend
+from bnref.testing.backends import Backend, LayerBuiltin, named_builtin
 from bnref.testing.checks import (
     LAYER_MISTAKES,
     MISTAKES,
@@ -69,6 +69,7 @@ from bnref.testing.tolerances import (
 )
 
 __all__ = [
+    "test_agrees_with_named_builtins",
     "test_bad_input_raises_and_modifies_nothing",
     "test_bad_layer_arguments_raise",
     "test_batch_permutation_equivariance",
@@ -426,6 +427,47 @@ def test_layer_matches_builtin_layer(backend: Backend, layer_builtin_name: str, 
     case = data.draw(layer_cases(**{"shapes": backend.shape_pool, **builtin.cases}),
                      label="layer case")
     assert_all(check_layer(backend, case, reference=builtin), case, backend)
+
+
+def _builtin_strategy(backend: Backend, name: str):
+    """(built-in, strategy of cases both it and ``backend`` take), or raise Unsupported."""
+    layer = "make_layer" in backend.capabilities
+    builtin, extra = named_builtin(name, layer)
+    restrictions = {**builtin.cases, **extra}
+    for fixed in ("eps", "momentum"):  # the implementation's fixed value wins
+        if getattr(backend, f"fixed_{fixed}") is not None:
+            restrictions.pop(fixed, None)
+    if isinstance(builtin, LayerBuiltin):
+        if not layer:
+            raise Unsupported(f"{name} is a layer and backend {backend.name!r} has none")
+        return builtin, layer_cases_for(backend, **restrictions)
+    restrictions.pop("track_running_stats", None)
+    return builtin, cases_for(backend, **restrictions)
+
+
+@property_test
+def test_agrees_with_named_builtins(backend: Backend, data) -> None:
+    """The implementation agrees with each framework built-in its adapter names in
+    ``compare_with`` (e.g. ``("torch.nn.BatchNorm2d",)``), on the cases both accept: outputs
+    and running statistics, step by step for a layer."""
+    if not backend.compare_with:
+        pytest.skip(f"backend {backend.name!r} names no built-in to compare with "
+                    "(compare_with)")
+    servable, reasons = {}, []
+    for name in backend.compare_with:
+        try:
+            servable[name] = _builtin_strategy(backend, name)
+        except Unsupported as reason:
+            reasons.append(f"{name}: {reason}")
+    if not servable:
+        pytest.skip("; ".join(reasons))
+    name = data.draw(st.sampled_from(sorted(servable)), label="built-in")
+    builtin, strategy = servable[name]
+    case = data.draw(strategy, label="case")
+    if isinstance(builtin, LayerBuiltin):
+        assert_all(check_layer(backend, case, reference=builtin), case, backend)
+    else:
+        assert_all(check_builtin(backend, builtin, case), case, backend)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.id)
