@@ -505,7 +505,9 @@ def _jsonable(value: Any) -> Any:
 def _diagnosis_dict(diagnosis) -> dict[str, Any]:
     return {"convention": diagnosis.convention, "fits": diagnosis.fits,
             "conforms": diagnosis.conforms, "findings": list(diagnosis.findings),
-            "text": diagnosis.text}
+            "behaves_like": diagnosis.behaves_like, "text": diagnosis.text,
+            "not_tested": _jsonable(diagnosis.details.get("not_tested", {})),
+            "refused": _jsonable(diagnosis.details.get("refused", {}))}
 
 
 def _diagnose(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ def loaded_frameworks(statement: str) -> set[str]:
 
 @pytest.mark.parametrize("module", ["bnref", "bnref.conventions", "bnref._checks",
                                     "bnref.numpy", "bnref.testing", "bnref.testing.suite",
-                                    "bnref.cli"])
+                                    "bnref.testing.diagnose", "bnref.testing.adapters",
+                                    "bnref.testing.pytest_plugin", "bnref.cli"])
 def test_core_modules_import_no_framework(module):
     assert loaded_frameworks(f"import {module}") == set()
 
