@@ -51,6 +51,11 @@ def _exact(what: str, ok: bool, detail: str) -> Comparison:
     return Comparison(what, 0.0 if ok else np.inf, 0.0, 0.0 if ok else np.inf, detail)
 
 
+def _raised(what: str, error: Exception) -> Comparison:
+    return _exact(f"{what} on a valid call", False,
+                  f"raised {type(error).__name__}: {error}")
+
+
 def _dtype_check(what: str, array: np.ndarray | None, expected: str) -> Comparison:
     got = None if array is None else array.dtype.name
     return _exact(f"{what} dtype", got == expected, f"  expected {expected}, got {got}")
@@ -104,7 +109,10 @@ def check_forward(backend: Backend, case: BNCase, check: str = "forward") -> lis
     """
     tolerances = _forward_tolerances(case, override_factor(backend.name, case.dtype, check))
     native = [None if a is None else backend.asarray(a) for a in case.arrays]
-    outputs = backend.batch_norm(*native, **case.kwargs())
+    try:
+        outputs = backend.batch_norm(*native, **case.kwargs())
+    except Exception as error:  # a valid call refused: reported as this case's failure
+        return [_raised("batch_norm", error)]
     got = tuple(None if r is None else backend.to_numpy(r) for r in outputs)
     untouched = [
         _exact(f"{name} unchanged", np.array_equal(backend.to_numpy(value), original,
@@ -137,7 +145,10 @@ def check_gradients(backend: Backend, case: BNCase, dy: np.ndarray,
     """Training-mode ``(dx, dgamma, dbeta)`` vs the oracle's analytic backward."""
     factor = override_factor(backend.name, case.dtype, check)
     kwargs = {"eps": case.eps, "axis": case.axis, "convention": case.convention}
-    dx, dgamma, dbeta = backend.gradients(case.x, case.gamma, case.beta, dy, **kwargs)
+    try:
+        dx, dgamma, dbeta = backend.gradients(case.x, case.gamma, case.beta, dy, **kwargs)
+    except Exception as error:  # a valid call refused: reported as this case's failure
+        return [_raised("gradients", error)]
     wide = case.as_float64()
     ref = oracle.batch_norm_backward(dy.astype(np.float64), wide.x, wide.gamma, beta=wide.beta,
                                      **kwargs)
@@ -187,7 +198,10 @@ def check_layer(backend: Backend, case: LayerCase, check: str = "layer",
         training = step < len(case.batches)
         old_mean, old_var = ref.running_mean, ref.running_var
         gamma, beta = ref.weight, ref.bias
-        y = layer.forward(batch, training=training)
+        try:
+            y = layer.forward(batch, training=training)
+        except Exception as error:  # a valid call refused: reported as this case's failure
+            return [*results, _raised(f"step {step + 1} forward", error)]
         ref_y = ref(batch.astype(np.float64), training=training)
         if other is not None:
             ref_y = other.forward(batch, training=training)

@@ -19,11 +19,14 @@ then runs its ``example_scale`` share of the profile's examples (at least 10).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
-__all__ = ["PROFILES", "active_profile", "register_profiles", "suite_settings", "use_profile"]
+__all__ = ["PROFILES", "active_profile", "register_profiles", "suite_settings", "use_profile",
+           "using_profile"]
 
 _QUIET = (HealthCheck.too_slow, HealthCheck.data_too_large)
 PROFILES: dict[str, dict] = {
@@ -32,6 +35,7 @@ PROFILES: dict[str, dict] = {
     "stress": {"max_examples": 2000},
 }
 _chosen: str | None = None
+_shrink = True
 
 
 def register_profiles() -> None:
@@ -49,6 +53,21 @@ def use_profile(name: str | None) -> None:
     _chosen = name
 
 
+@contextlib.contextmanager
+def using_profile(name: str, shrink: bool = True) -> Iterator[None]:
+    """Run the suite's properties under bnref's profile ``name`` inside the block;
+    ``shrink=False`` reports the first failing example as found (faster, larger)."""
+    global _shrink
+    previous = _chosen, _shrink
+    use_profile(name)
+    _shrink = shrink
+    try:
+        yield
+    finally:
+        use_profile(previous[0])
+        _shrink = previous[1]
+
+
 def active_profile() -> str:
     """The profile the suite runs: ``--bnref-profile``, else ``BNREF_PROFILE``, else ``ci``."""
     name = _chosen or os.environ.get("BNREF_PROFILE") or "ci"
@@ -59,4 +78,7 @@ def active_profile() -> str:
 
 def suite_settings() -> settings:
     register_profiles()
-    return settings.get_profile(f"bnref-{active_profile()}")
+    chosen = settings.get_profile(f"bnref-{active_profile()}")
+    if _shrink:
+        return chosen
+    return settings(chosen, phases=[p for p in chosen.phases if p is not Phase.shrink])
