@@ -26,10 +26,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 def pytest_configure(config) -> None:
     """The shared suite's properties follow this run's profile (``--hypothesis-profile=ci``
-    runs them at bnref's ``ci`` too), unless ``--bnref-profile`` chose one."""
+    runs them at bnref's ``ci`` too), unless ``--bnref-profile`` or ``BNREF_PROFILE`` chose
+    one."""
     from bnref.testing import profiles
 
     chosen = (config.getoption("hypothesis_profile", None)
               or os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-    if config.getoption("bnref_profile", None) is None and chosen in profiles.PROFILES:
+    explicit = config.getoption("bnref_profile", None) or os.environ.get("BNREF_PROFILE")
+    if not explicit and chosen in profiles.PROFILES:
         profiles.use_profile(chosen)

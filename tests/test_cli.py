@@ -117,7 +117,7 @@ def test_a_failing_or_crashing_row_keeps_error_tolerance_and_ratio_together():
 
 
 def test_check_prints_a_table_and_fails_a_wrong_backend(capsys, wrong_backend):
-    status = cli.main(["check", "--backends", wrong_backend, "--examples", "10",
+    status = cli.main(["check", "--backends", wrong_backend, "--examples", "40",
                        "--dtype", "float64"])
     out = capsys.readouterr().out
     assert status == 1

@@ -3,6 +3,7 @@ classic bug, and its conventions table is the records."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,29 +22,62 @@ def fenced_block_after(marker: str) -> str:
     return match.group(1)
 
 
-def run_pytest_on(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
-    test_file = tmp_path / "test_my_bn.py"
-    test_file.write_text(source)
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
-         "--hypothesis-seed=0"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+def write_example(tmp_path: Path, my_bn: str | None = None) -> None:
+    (tmp_path / "my_bn.py").write_text(my_bn or fenced_block_after("example:my-bn"))
+    (tmp_path / "test_my_bn.py").write_text(fenced_block_after("example:own-implementation"))
+
+
+def run_in(tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("BNREF_PROFILE",
+                                                            "HYPOTHESIS_PROFILE")}
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=600, check=False)
+
+
+def run_pytest_on(tmp_path: Path) -> subprocess.CompletedProcess:
+    return run_in(tmp_path, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_my_bn.py"])
+
+
+def run_check_command(tmp_path: Path) -> subprocess.CompletedProcess:
+    """The README's command, with this interpreter's bnref."""
+    words = fenced_block_after("example:check-implementation").split()
+    assert words[:2] == ["bnref", "check"]
+    return run_in(tmp_path, [sys.executable, "-m", "bnref", *words[1:]])
+
+
+def biased(source: str) -> str:
+    """Feeding PyTorch's running variance the biased estimate: a textbook slip."""
+    buggy = source.replace("momentum * v * n / (n - 1)", "momentum * v")
+    assert buggy != source
+    return buggy
 
 
 def test_the_own_implementation_example_passes(tmp_path):
-    result = run_pytest_on(tmp_path, fenced_block_after("example:own-implementation"))
+    write_example(tmp_path)
+    result = run_pytest_on(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "2 passed" in result.stdout
 
 
 def test_the_own_implementation_example_catches_a_biased_running_variance(tmp_path):
-    """Feeding PyTorch's running variance the biased estimate (a textbook slip) fails."""
-    source = fenced_block_after("example:own-implementation")
-    buggy = source.replace("momentum * v * n / (n - 1)", "momentum * v")
-    assert buggy != source
-    result = run_pytest_on(tmp_path, buggy)
+    write_example(tmp_path, biased(fenced_block_after("example:my-bn")))
+    result = run_pytest_on(tmp_path)
     assert result.returncode == 1, result.stdout[-3000:]
     assert "running_var" in result.stdout
+    assert "its running variance is biased" in result.stdout
+    assert "reproduce with:" in result.stdout
+
+
+def test_the_check_command_passes_the_example_and_diagnoses_the_slip(tmp_path):
+    write_example(tmp_path)
+    result = run_check_command(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "diagnosis: backend 'my_bn:my_batch_norm' conforms to convention torch" in result.stdout
+    write_example(tmp_path, biased(fenced_block_after("example:my-bn")))
+    result = run_check_command(tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "its running variance is biased" in result.stdout
 
 
 @pytest.mark.parametrize("name", sorted(CONVENTIONS))

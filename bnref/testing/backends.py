@@ -28,6 +28,7 @@ from bnref.conventions import CONVENTIONS, DEFAULT
 
 __all__ = [
     "BUILTIN_ALIASES",
+    "DECLARATIONS",
     "KNOWN_BACKENDS",
     "Backend",
     "BackendInfo",
@@ -169,7 +170,7 @@ class Backend:
 
     def declared(self) -> dict[str, Any]:
         """The declarations that differ from an unrestricted implementation's (for reports)."""
-        return {name: getattr(self, name) for name in _DECLARATIONS
+        return {name: getattr(self, name) for name in DECLARATIONS
                 if getattr(self, name) != getattr(Backend, name)}
 
     # -- arrays ---------------------------------------------------------------------------
@@ -215,7 +216,8 @@ class Backend:
         return self.name
 
 
-_DECLARATIONS = ("dtypes", "conventions", "ranks", "channel_axis", "fixed_eps", "fixed_momentum",
+# Every declaration a Backend subclass (or a default adapter's keyword) may set.
+DECLARATIONS = ("dtypes", "conventions", "ranks", "channel_axis", "fixed_eps", "fixed_momentum",
                  "optional_affine", "optional_running_stats", "cumulative", "always_tracks",
                  "layer_affine_optional", "exact_errors", "subnormals", "shape_pool",
                  "example_scale", "compare_with")

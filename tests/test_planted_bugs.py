@@ -1,0 +1,146 @@
+"""The harness proved on planted bugs.
+
+``tests/thirdparty/`` holds one small from-scratch batch norm per framework (numpy, torch, jax,
+tf, mxnet), each following its framework's convention, and each classic mistake planted in
+turn (``batch_norm_<bug>``). Through the default adapter (no adapter code, as a user of
+``bnref check --implementation`` has it):
+
+- ``bnref diagnose`` finds nothing in the correct ones and names each planted bug;
+- the shared suite's forward property fails on each planted bug within the ``ci`` profile's
+  examples, and its failure carries the diagnosis and a reproducing snippet;
+- ``bnref check`` passes the correct ones and fails a planted bug;
+- the whole suite, run by pytest on the correct ones as a third party would, has no failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bnref import cli
+from bnref.testing import suite
+from bnref.testing.adapters import function_backend
+from bnref.testing.fixtures import backend_or_skip
+from bnref.testing.profiles import using_profile
+from bnref.testing.strategies import cases_for
+from tests.thirdparty import numpy_bn
+
+ROOT = Path(__file__).parent.parent
+FRAMEWORKS = ("numpy", "torch", "jax", "tf", "mxnet")
+BUGS = numpy_bn.BUGS
+PLANTED = [(framework, bug) for framework in FRAMEWORKS for bug in BUGS]
+PLANTED_IDS = [f"{framework}-{bug}" for framework, bug in PLANTED]
+
+
+def implementation(framework: str, bug: str | None = None) -> tuple[str, str]:
+    """('tests.thirdparty.<framework>_bn:<function>', its convention); the framework must be
+    installed (missing: skipped, or failed under BNREF_REQUIRE)."""
+    backend_or_skip(framework)
+    module = importlib.import_module(f"tests.thirdparty.{framework}_bn")
+    name = "batch_norm" if bug is None else f"batch_norm_{bug.replace('-', '_')}"
+    assert callable(getattr(module, name))
+    return f"tests.thirdparty.{framework}_bn:{name}", module.CONVENTION
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main(list(argv))
+    return status, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("framework", "bug"), PLANTED, ids=PLANTED_IDS)
+def test_diagnose_names_the_planted_bug(capsys, framework, bug):
+    path, convention = implementation(framework, bug)
+    status, out = run_cli(capsys, "diagnose", "--implementation", path, "--framework",
+                          framework, "--convention", convention, "--json")
+    report = json.loads(out)
+    assert status == 1, report
+    assert report["findings"] == [bug], report["text"]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_diagnose_finds_nothing_in_the_correct_one(capsys, framework):
+    path, convention = implementation(framework)
+    status, out = run_cli(capsys, "diagnose", "--implementation", path, "--framework",
+                          framework, "--convention", convention, "--json")
+    report = json.loads(out)
+    assert (status, report["conforms"], report["findings"]) == (0, True, []), report["text"]
+
+
+@pytest.mark.parametrize(("framework", "bug"), PLANTED, ids=PLANTED_IDS)
+def test_the_suite_catches_the_planted_bug(framework, bug):
+    """Among the forward property's ``ci`` examples (drawn exactly as Hypothesis draws them
+    derandomized) one fails; run by Hypothesis, the property fails with the diagnosis and a
+    snippet that reproduces the failure with the user's function."""
+    path, convention = implementation(framework, bug)
+    backend = function_backend(path, framework=framework, convention=convention)
+    cases = cli.draw_examples(cases_for(backend), 100)
+    first = next((i for i, case in enumerate(cases, start=1)
+                  if not all(r.passed for r in suite.check_forward(backend, case))), None)
+    assert first is not None, f"none of the {len(cases)} ci examples caught {bug}"
+    # Unshrunk: the proof is that it fails; shrinking a numeric failure costs up to 30 s.
+    with using_profile("ci", shrink=False), pytest.raises(AssertionError) as failure:
+        suite.test_forward_matches_oracle(backend=backend)
+    text = str(failure.value)
+    assert "diagnosis: " in text and "reproduce with:" in text, text[-2000:]
+    assert f"function_backend({path!r}" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_check_passes_the_correct_one_and_fails_a_planted_bug(capsys, framework):
+    path, convention = implementation(framework)
+    common = ("--framework", framework, "--convention", convention, "--json")
+    status, out = run_cli(capsys, "check", "--implementation", path, *common)
+    report = json.loads(out)
+    failed = [r for r in report["rows"] if not r["passed"]]
+    assert (status, failed) == (0, []), failed
+    assert report["diagnosis"]["conforms"]
+    buggy, _ = implementation(framework, "momentum-other-term")
+    status, out = run_cli(capsys, "check", "--implementation", buggy, *common)
+    report = json.loads(out)
+    assert status == 1
+    assert report["diagnosis"]["findings"] == ["momentum-other-term"]
+
+
+THIRD_PARTY_SUITE = """
+import pytest
+from bnref.testing.adapters import function_backend
+from bnref.testing.suite import *  # noqa: F403
+
+@pytest.fixture(scope="session")
+def backend():
+    return function_backend({path!r}, framework={framework!r}, convention={convention!r})
+"""
+# The issue's budget for a third-party suite at the ci profile on two cores; CI asserts a
+# margin over it (the machine's speed swings), the measured times are in the output.
+BUDGET_SECONDS = 90
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_whole_suite_passes_the_correct_one(tmp_path, framework):
+    """As a third party runs it: pytest on a ten-line file, bnref's ci profile by default
+    (the plugin that comes with the package), no failure, within the time budget."""
+    path, convention = implementation(framework)
+    test_file = tmp_path / "test_third_party.py"
+    test_file.write_text(THIRD_PARTY_SUITE.format(path=path, framework=framework,
+                                                  convention=convention))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("BNREF_PROFILE", None)
+    env.pop("HYPOTHESIS_PROFILE", None)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(test_file)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600, check=False)
+    seconds = time.monotonic() - started
+    print(f"{framework}: third-party suite at the ci profile in {seconds:.1f} s")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "bnref: property suite profile 'ci'" in result.stdout
+    assert " failed" not in result.stdout
+    assert seconds <= 1.5 * BUDGET_SECONDS, f"{seconds:.0f} s"
