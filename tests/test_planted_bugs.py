@@ -144,3 +144,83 @@ def test_the_whole_suite_passes_the_correct_one(tmp_path, framework):
     assert "bnref: property suite profile 'ci'" in result.stdout
     assert " failed" not in result.stdout
     assert seconds <= 1.5 * BUDGET_SECONDS, f"{seconds:.0f} s"
+
+
+LAYER_FRAMEWORKS = ("numpy", "torch")  # the two with a layer class in tests/thirdparty
+PLANTED_LAYERS = [(framework, bug) for framework in LAYER_FRAMEWORKS for bug in BUGS]
+
+
+def layer_class(framework: str, bug: str | None = None) -> str:
+    backend_or_skip(framework)
+    name = "BatchNorm" if bug is None else f"BatchNorm_{bug.replace('-', '_')}"
+    return f"tests.thirdparty.{framework}_bn:{name}"
+
+
+@pytest.mark.parametrize(("framework", "bug"), PLANTED_LAYERS,
+                         ids=[f"{f}-{b}" for f, b in PLANTED_LAYERS])
+def test_diagnose_names_the_planted_bug_in_a_layer(capsys, framework, bug):
+    status, out = run_cli(capsys, "diagnose", "--layer", layer_class(framework, bug),
+                          "--framework", framework, "--json")
+    report = json.loads(out)
+    assert status == 1, report
+    assert report["findings"] == [bug], report["text"]
+
+
+@pytest.mark.parametrize("framework", LAYER_FRAMEWORKS)
+def test_check_layer_passes_the_correct_one_and_fails_a_planted_bug(capsys, framework):
+    """``bnref check --layer``: the layer rows and the functional rows (a fresh layer per
+    call) pass on the correct class; the momentum slip fails and is named."""
+    status, out = run_cli(capsys, "check", "--layer", layer_class(framework), "--framework",
+                          framework, "--json")
+    report = json.loads(out)
+    failed = [r for r in report["rows"] if not r["passed"]]
+    assert (status, failed) == (0, []), failed
+    assert any(r["check"] == "layer" and r["cases"] > 0 for r in report["rows"])
+    status, out = run_cli(capsys, "check", "--layer",
+                          layer_class(framework, "momentum-other-term"), "--framework",
+                          framework, "--json")
+    report = json.loads(out)
+    assert status == 1
+    assert report["diagnosis"]["findings"] == ["momentum-other-term"]
+
+
+BUILTIN_FOR = {"numpy": "torch.nn.functional.batch_norm", "torch": "torch.nn.BatchNorm2d",
+               "jax": "flax.linen.BatchNorm", "tf": "keras.layers.BatchNormalization",
+               "mxnet": "mxnet.nd.BatchNorm"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_compare_with_a_builtin_in_one_line(framework):
+    """``compare_with=(name,)``: the suite compares the function with the framework's own
+    batch norm on the cases both take; the correct one agrees, the momentum slip does not."""
+    builtin = BUILTIN_FOR[framework]
+    backend_or_skip("torch" if framework == "numpy" else framework)
+    path, convention = implementation(framework)
+    correct = function_backend(path, framework=framework, convention=convention,
+                               compare_with=(builtin,))
+    with using_profile("dev"):
+        suite.test_agrees_with_named_builtins(backend=correct)
+    buggy, _ = implementation(framework, "momentum-other-term")
+    wrong = function_backend(buggy, framework=framework, convention=convention,
+                             compare_with=(builtin,))
+    with using_profile("ci", shrink=False), pytest.raises(AssertionError) as failure:
+        suite.test_agrees_with_named_builtins(backend=wrong)
+    # A function is compared with torch's layer through the layer's own functional.
+    label = {"torch.nn.BatchNorm2d": "torch.nn.functional.batch_norm"}.get(builtin, builtin)
+    assert f"vs {label}" in str(failure.value)
+
+
+def test_float64_computed_in_float32_is_refused_loudly():
+    """An adapter whose float64 comes back float32 (JAX without x64) is an error, not a
+    silent float32 run."""
+    from bnref.testing import Backend
+
+    class LosesFloat64(Backend):
+        name = "loses-float64"
+
+        def asarray(self, array):
+            return array.astype("float32")
+
+    with pytest.raises(ValueError, match="declares float64, but a float64 array comes back "
+                                         "float32"):
+        cases_for(LosesFloat64())

@@ -344,6 +344,7 @@ BUILTIN_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "torch.nn.BatchNorm1d": ("torch.nn.BatchNormNd", {"ranks": (2, 3)}),
     "torch.nn.BatchNorm2d": ("torch.nn.BatchNormNd", {"ranks": (4, 4)}),
     "torch.nn.BatchNorm3d": ("torch.nn.BatchNormNd", {"ranks": (5, 5)}),
+    "torch.nn.BatchNormNd": ("torch.nn.BatchNormNd", {}),
     "keras.layers.BatchNormalization": ("keras.layers.BatchNormalization", {}),
     "tf.keras.layers.BatchNormalization": ("keras.layers.BatchNormalization", {}),
     "mxnet.gluon.nn.BatchNorm": ("mxnet.gluon.nn.BatchNorm", {}),
@@ -361,6 +362,8 @@ def named_builtin(name: str, layer: bool) -> tuple[Builtin | LayerBuiltin, dict[
     for info in KNOWN_BACKENDS.values():
         if registered in info.builtins:
             return load_backend(info.name).builtin(registered), extra
+    if registered == "torch.nn.BatchNormNd":  # for a function: the layer's own functional
+        return load_backend("torch").builtin("torch.nn.functional.batch_norm"), extra
     for info in KNOWN_BACKENDS.values():
         if registered in info.layer_builtins:
             return load_backend(info.name).layer_builtin(registered), extra

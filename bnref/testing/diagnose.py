@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -215,10 +216,10 @@ def _design(backend: Backend, conv: Convention) -> tuple[list[_Probe], dict[str,
     axis = (conv.default_axis if fixed is None else fixed) % rank
     shape = {2: [8, 3], 3: [6, 3, 3], 4: [4, 3, 2, 3], 5: [2, 3, 2, 2, 3]}[rank]
     shape[axis] = 3
-    omitted_axis = None if fixed is None or conv.default_axis % rank == fixed % rank else axis
-    if fixed is not None:
-        skipped["channel-axis"] = f"channel_axis={fixed} is declared"
-    elif rank == 2:
+    # With a declared axis (conv's default here) the implementation takes no axis argument:
+    # every probe omits it, and "its channels are elsewhere" stays testable.
+    omitted_axis, passed_axis = None, (axis if fixed is None else None)
+    if rank == 2:
         skipped["channel-axis"] = "only rank 2 is declared, where axes 1 and -1 coincide"
     eps, mom = (None, EPS_PASSED), (DEFAULT, MOMENTUM_PASSED)
     if backend.fixed_eps is not None:
@@ -233,16 +234,17 @@ def _design(backend: Backend, conv: Convention) -> tuple[list[_Probe], dict[str,
     offset = 2 * spread * [1, -1, 0.5]
     main = _batch(shape, axis, dtype, offset, spread,
                   (offset + spread * [-3, 2, 1.5], spread**2 * [4, 0.25, 9]))
-    passed = f"eps={eps[1]:g}, momentum={mom[1]:g}, axis={axis}"
+    passed = f"eps={eps[1]:g}, momentum={mom[1]:g}" + (
+        "" if passed_axis is None else f", axis={axis}")
     probes = [_Probe(f"{mode}, {dtype}, {what}", main, mode == "training", e, m, a)
               for mode in ("training", "inference")
               for what, e, m, a in (("defaults", eps[0], mom[0], omitted_axis),
-                                    (passed, eps[1], mom[1], axis))]
+                                    (passed, eps[1], mom[1], passed_axis))]
     if "float32" in backend.dtypes:
         offset, spread = np.array([1e4, -2e4, 3e4]), np.array([30.0, 10.0, 20.0])
         far = _batch(shape, axis, "float32", offset, spread, (offset + 50, spread**2 * 4))
         probes.append(_Probe(f"training, float32 at offsets 1e4, {passed}", far, True, eps[1],
-                             mom[1], axis))
+                             mom[1], passed_axis))
     else:
         skipped["one-pass-variance"] = "float32 is not declared (it shows at offset 1e4 there)"
     return probes, skipped
@@ -281,16 +283,17 @@ def _observe(backend: Backend, probes: list[_Probe], convention: str) -> tuple[b
     return layer, refused
 
 
-def _hypotheses(declared: str, skipped) -> dict[Hypothesis, tuple[tuple, str]]:
+def _hypotheses(declared: str, skipped,
+                records: Mapping[str, Convention]) -> dict[Hypothesis, tuple[tuple, str]]:
     """Each base convention with up to 3 mistakes -> (rank, base) of its best explanation."""
     free = [f.name for f in fields(Hypothesis) if _IDS[f.name] not in skipped]
-    order = [declared, *(name for name in CONVENTIONS if name != declared)]
-    known = CONVENTIONS.values()
+    order = [declared, *(name for name in records if name != declared)]
+    known = records.values()
     values = {"momentum": dict.fromkeys((*(c.default_momentum for c in known), *MOMENTUM_VALUES)),
               "eps": dict.fromkeys((*(c.default_eps for c in known), *EPS_VALUES))}
     best: dict[Hypothesis, tuple[tuple, str]] = {}
     for index, name in enumerate(order):
-        base = Hypothesis.of(CONVENTIONS[name])
+        base = Hypothesis.of(records[name])
         other = {"weights": ("old" if base.weights == "new" else "new",), "axis": (-base.axis,),
                  **values}
         for count in range(4):
@@ -331,10 +334,11 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _explain(h: Hypothesis, name: str, declared: str, skipped) -> str:
+def _explain(h: Hypothesis, name: str, declared: str, skipped,
+             records: Mapping[str, Convention]) -> str:
     """The hypothesis in words: "convention torch (eps ...)", "convention torch except that
     ...", or "convention keras (eps ...) rather than the declared torch[, except that ...]"."""
-    base = Hypothesis.of(CONVENTIONS[name])
+    base = Hypothesis.of(records[name])
     mistakes = [_PHRASES[m](base, h) for m in h.mistakes(base)]
     if name == declared and mistakes:
         return f"convention {name} except that {_join(mistakes)}"
@@ -347,7 +351,7 @@ def _explain(h: Hypothesis, name: str, declared: str, skipped) -> str:
         parts.append(f"channels on axis {base.axis}")
     text = f"convention {name} ({', '.join(parts)})"
     if name != declared:
-        same = [n for n in CONVENTIONS if n != name and Hypothesis.of(CONVENTIONS[n]) == base]
+        same = [n for n in records if n != name and Hypothesis.of(records[n]) == base]
         text = text[:-1] + (f"; {_join(same)} has the same defaults)" if same else ")")
         text += f" rather than the declared {declared}"
     return f"{text}, except that {_join(mistakes)}" if mistakes else text
@@ -361,7 +365,12 @@ def diagnose(backend: Backend, convention: str | None = None) -> Diagnosis:
     if declared not in CONVENTIONS or declared not in backend.conventions:
         raise ValueError(f"convention {declared!r} is not one the backend declares "
                          f"({tuple(backend.conventions)}) among {tuple(CONVENTIONS)}")
-    probes, skipped = _design(backend, CONVENTIONS[declared])
+    # A declared channel axis is where the channels are when none is passed, whatever the
+    # convention's default: every base hypothesis starts from it.
+    fixed = backend.channel_axis
+    records = {name: conv if fixed is None else replace(conv, default_axis=fixed)
+               for name, conv in CONVENTIONS.items()}
+    probes, skipped = _design(backend, records[declared])
     layer, refused = _observe(backend, probes, declared)
     kept = [p for p in probes if p.observed is not None]
     who = f"backend {backend.name!r}"
@@ -379,20 +388,20 @@ def diagnose(backend: Backend, convention: str | None = None) -> Diagnosis:
                 for p in kept}
 
     scored = [(rank, max(r for p in kept for r, _ in _errors(p, h).values()), base, h)
-              for h, (rank, base) in _hypotheses(declared, skipped).items()]
+              for h, (rank, base) in _hypotheses(declared, skipped, records).items()]
     fitting = [s for s in scored if s[1] <= 1.0]
     rank, error, base, h = (min(fitting, key=lambda s: (s[0][:2], s[1], s[0][2])) if fitting
                             else min(scored, key=lambda s: (s[1], s[0])))
     findings = (("other-convention",) if base != declared else ()) + h.mistakes(
-        Hypothesis.of(CONVENTIONS[base]))
-    declared_errors = table(Hypothesis.of(CONVENTIONS[declared]))
+        Hypothesis.of(records[base]))
+    declared_errors = table(Hypothesis.of(records[declared]))
     details.update(hypothesis=asdict(h), findings=findings, worst_ratio=error, errors=table(h),
                    declared_errors=declared_errors, hypotheses=len(scored),
-                   alternatives=[_explain(s[3], s[2], declared, skipped) for s in fitting
+                   alternatives=[_explain(s[3], s[2], declared, skipped, records) for s in fitting
                                  if s[0][0] == rank[0] and s[3] != h])
     if fitting:
         verb = "conforms to" if rank[0] == 0 else "behaves like"
-        text = f"{who} {verb} {_explain(h, base, declared, skipped)}."
+        text = f"{who} {verb} {_explain(h, base, declared, skipped, records)}."
     else:
         worst: dict[str, dict[str, float]] = {}
         for errors in declared_errors.values():
@@ -404,7 +413,7 @@ def diagnose(backend: Backend, convention: str | None = None) -> Diagnosis:
         agree = [key for key in keys if worst[key]["ratio"] <= 1]
         text = (f"No hypothesis explains {who}: against convention {declared}, {_join(off)}"
                 f"{f' ({_join(agree)} agree)' if agree else ''}. The closest hypothesis is "
-                f"{_explain(h, base, declared, skipped)}, off by {error:.3g} times its "
+                f"{_explain(h, base, declared, skipped, records)}, off by {error:.3g} times its "
                 "tolerance.")
         details["closest"], findings, base = findings, (), ""
     details["seconds"] = time.perf_counter() - start

@@ -401,7 +401,25 @@ class Unsupported(Exception):
     """A property asks for cases outside what a backend declares (the message says which)."""
 
 
+_ROUND_TRIPS: set[int] = set()
+
+
+def _check_float64(backend) -> None:
+    """Refuse loudly an adapter that declares float64 but computes it in another dtype (JAX
+    without x64 turns float64 arrays into float32 silently)."""
+    if id(backend) in _ROUND_TRIPS or "float64" not in backend.dtypes:
+        return
+    got = np.asarray(backend.to_numpy(backend.asarray(np.zeros(2)))).dtype
+    if got != np.float64:
+        raise ValueError(
+            f"backend {backend.name!r} declares float64, but a float64 array comes back "
+            f"{got} through its asarray/to_numpy; for JAX enable x64 first "
+            "(jax.config.update('jax_enable_x64', True)), or declare dtypes without float64")
+    _ROUND_TRIPS.add(id(backend))
+
+
 def _restrict(backend, wanted: dict[str, Any], layer: bool) -> dict[str, Any]:
+    _check_float64(backend)
     name = backend.name
     out: dict[str, Any] = {"dtypes": tuple(backend.dtypes),
                            "conventions": tuple(backend.conventions),
