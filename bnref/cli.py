@@ -433,6 +433,10 @@ def _add_implementation_arguments(command, required: bool) -> None:
                               "optional_affine=True (repeatable; see bnref.testing.Backend)")
     command.add_argument("--layer-kwargs", default=None, metavar="JSON",
                          help="extra constructor arguments for --layer, as a JSON object")
+    command.add_argument("--state-names", default=None, metavar="JSON",
+                         help="--layer's state names, from bnref's (gamma, beta, "
+                              "running_mean, running_var, num_batches_tracked) to yours, "
+                              "as a JSON object")
 
 
 _FRAMEWORK_CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "tf": "keras",
@@ -468,9 +472,22 @@ def third_party_backend(args: argparse.Namespace):
     if args.implementation:
         return function_backend(args.implementation, framework=args.framework,
                                 convention=convention, **declarations)
-    kwargs = json.loads(args.layer_kwargs) if args.layer_kwargs else None
     return layer_backend(args.layer, framework=args.framework, convention=convention,
-                         layer_kwargs=kwargs, **declarations)
+                         layer_kwargs=_json_object("--layer-kwargs", args.layer_kwargs),
+                         state_names=_json_object("--state-names", args.state_names),
+                         **declarations)
+
+
+def _json_object(option: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option} must be a JSON object, got {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value
 
 
 def _check_third_party(args: argparse.Namespace) -> int:

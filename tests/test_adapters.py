@@ -67,9 +67,9 @@ ADAPTERS = {
                                     "layer_kwargs": {"use_fast_variance": False}}),
     "layer-bnref.numpy.BatchNorm": ("numpy", layer_backend, "bnref.numpy:BatchNorm",
                                     {"framework": "numpy", "convention": "torch"}),
-    # A textbook layer: its state in (1, C, 1, 1) tensors, the running ones plain attributes,
-    # and the mode told by torch.is_grad_enabled(); nothing but the channel count and the rank
-    # to construct.
+    # A textbook layer: its state in (1, C, 1, 1) tensors, the running ones plain attributes;
+    # nothing but the channel count and the rank to construct. (It reads the mode from
+    # self.training: d2l's torch.is_grad_enabled() is caught, see test_planted_bugs.)
     "layer-textbook-torch": ("torch", layer_backend, lambda: textbook_torch_layer(),
                              {"framework": "torch", "convention": "torch", "ranks": (4, 4),
                               "layer_kwargs": {"num_dims": 4}, "name": "textbook BatchNorm"}),
@@ -81,8 +81,8 @@ def textbook_torch_layer():
     variance): gamma, beta, moving_mean and moving_var, all shaped (1, C, 1, 1)."""
     import torch
 
-    def batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum):
-        if not torch.is_grad_enabled():
+    def batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+        if not training:
             x_hat = (x - moving_mean) / torch.sqrt(moving_var + eps)
         else:
             dims = (0, 2, 3) if x.ndim == 4 else (0,)
@@ -106,7 +106,7 @@ def textbook_torch_layer():
         def forward(self, x):
             y, self.moving_mean, self.moving_var = batch_norm(
                 x, self.gamma, self.beta, self.moving_mean, self.moving_var, eps=1e-5,
-                momentum=0.1)
+                momentum=0.1, training=self.training)
             return y
 
     return BatchNorm

@@ -205,9 +205,7 @@ def test_compare_with_a_builtin_in_one_line(framework):
                              compare_with=(builtin,))
     with using_profile("ci", shrink=False), pytest.raises(AssertionError) as failure:
         suite.test_agrees_with_named_builtins(backend=wrong)
-    # A function is compared with torch's layer through the layer's own functional.
-    label = {"torch.nn.BatchNorm2d": "torch.nn.functional.batch_norm"}.get(builtin, builtin)
-    assert f"vs {label}" in str(failure.value)
+    assert f"vs {builtin}" in str(failure.value)
 
 
 def test_float64_computed_in_float32_is_refused_loudly():
@@ -224,3 +222,59 @@ def test_float64_computed_in_float32_is_refused_loudly():
     with pytest.raises(ValueError, match="declares float64, but a float64 array comes back "
                                          "float32"):
         cases_for(LosesFloat64())
+
+
+class GradModeBatchNorm:
+    """d2l's pattern: the mode read from ``torch.is_grad_enabled()``, not ``self.training``."""
+
+    def __new__(cls, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        import torch
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.ones(num_features))
+                self.bias = torch.nn.Parameter(torch.zeros(num_features))
+                self.register_buffer("running_mean", torch.zeros(num_features))
+                self.register_buffer("running_var", torch.ones(num_features))
+
+            def forward(self, x):
+                from tests.thirdparty.torch_bn import batch_norm
+
+                y, mean, var = batch_norm(x, self.weight, self.bias, self.running_mean,
+                                          self.running_var, training=torch.is_grad_enabled(),
+                                          momentum=momentum, eps=eps)
+                with torch.no_grad():
+                    self.running_mean.copy_(mean)
+                    self.running_var.copy_(var)
+                return y
+
+        return Layer()
+
+
+def test_a_layer_that_reads_the_mode_from_grad_mode_is_caught():
+    """After ``model.eval()`` (gradients on, as in any evaluation that is not wrapped in
+    no_grad) such a layer still normalises with the batch and moves its statistics."""
+    backend_or_skip("torch")
+    from bnref.testing.adapters import layer_backend
+    from bnref.testing.diagnose import diagnose
+
+    backend = layer_backend(GradModeBatchNorm, framework="torch", convention="torch")
+    found = diagnose(backend)
+    assert set(found.findings) == {"eval-moves-stats", "eval-uses-batch-stats"}, found.text
+
+
+def test_a_builtin_layer_comparison_runs_for_a_layer_without_cumulative_average():
+    """A Keras-style layer (no momentum=None) compared with Keras's own layer: the built-in's
+    momentum draws are used, not refused."""
+    backend_or_skip("tf")
+    from bnref.testing.adapters import layer_backend
+
+    backend = layer_backend("keras.layers:BatchNormalization", framework="tf",
+                            convention="keras", compare_with=("keras.layers.BatchNormalization",))
+    assert not backend.cumulative
+    try:
+        with using_profile("dev"):
+            suite.test_agrees_with_named_builtins(backend=backend)
+    except pytest.skip.Exception as skipped:
+        pytest.fail(f"the comparison was skipped: {skipped}")

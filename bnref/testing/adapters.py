@@ -745,7 +745,7 @@ class _Handle:
         return KeyError(
             f"{self.backend.name}: {why}, but the layer has no {canonical} under {tried}; its "
             f"state has {has}. Pass state_names={{{canonical!r}: '<its name>'}} to "
-            "layer_backend.")
+            "layer_backend (--state-names on the command line).")
 
     def _expected(self) -> set[str]:
         expected = set()
@@ -885,8 +885,10 @@ def _getpath(obj: Any, path: str) -> Any:
 
 class _TorchHandle(_Handle):
     """A ``torch.nn.Module`` in the parameter dtype: state from ``state_dict`` (parameters
-    and buffers) and plain tensor attributes; ``module.train(flag)``, gradients recorded only
-    in training (some layers tell the mode by ``torch.is_grad_enabled()``)."""
+    and buffers) and plain tensor attributes; the mode is ``module.train(flag)`` alone, with
+    gradients enabled in both, as torch's own layers read it: a layer that tells the mode by
+    ``torch.is_grad_enabled()`` (d2l's) uses batch statistics after ``model.eval()``, and is
+    reported so."""
 
     def __init__(self, backend, config):
         import torch
@@ -924,7 +926,7 @@ class _TorchHandle(_Handle):
 
         fw = self.backend._framework
         self.layer.train(training)
-        with torch.set_grad_enabled(training):
+        with torch.enable_grad():
             return fw.to_numpy(self.layer(fw.asarray(x)))
 
 

@@ -363,7 +363,8 @@ def named_builtin(name: str, layer: bool) -> tuple[Builtin | LayerBuiltin, dict[
         if registered in info.builtins:
             return load_backend(info.name).builtin(registered), extra
     if registered == "torch.nn.BatchNormNd":  # for a function: the layer's own functional
-        return load_backend("torch").builtin("torch.nn.functional.batch_norm"), extra
+        functional = load_backend("torch").builtin("torch.nn.functional.batch_norm")
+        return replace(functional, name=f"{name} (as {functional.name})"), extra
     for info in KNOWN_BACKENDS.values():
         if registered in info.layer_builtins:
             return load_backend(info.name).layer_builtin(registered), extra

@@ -53,7 +53,9 @@ def _exact(what: str, ok: bool, detail: str) -> Comparison:
 
 def _raised(what: str, error: Exception) -> Comparison:
     return _exact(f"{what} on a valid call", False,
-                  f"raised {type(error).__name__}: {error}")
+                  f"raised {type(error).__name__}: {error} (if your implementation takes only "
+                  "some ranks, channel axes or dtypes, declare them: ranks=, channel_axis=, "
+                  "dtypes=)")
 
 
 def _dtype_check(what: str, array: np.ndarray | None, expected: str) -> Comparison:
@@ -328,7 +330,8 @@ def check_finite_differences(backend: Backend, case: BNCase, dy: np.ndarray,
     # Values below the smallest normal underflow in the objective: up to TINY / h of slope.
     tol = 8 * scale * (h**2 * (1 + x_hat_max) ** 3 + rounding) + TINY["float64"] / h
     tol *= override_factor(backend.name, case.dtype, check)
-    return [compare(numeric, analytic, tol, "central difference vs <gradient, v>")]
+    return [compare(analytic, numeric, tol,
+                    "<your gradients, v> vs the central difference of your forward along v")]
 
 
 # -- bad input ----------------------------------------------------------------------------

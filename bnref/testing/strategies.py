@@ -456,10 +456,10 @@ def _restrict(backend, wanted: dict[str, Any], layer: bool) -> dict[str, Any]:
                 raise Unsupported(f"backend {name!r} declares ranks {out['ranks']}, this "
                                   f"property needs {tuple(value)}")
             out["ranks"] = (low, high)
+        elif key in ("eps", "momentum") and value is not None and getattr(
+                backend, f"fixed_{key}") is None:
+            out[key] = value  # replaces the default draws (never None for cumulative=False)
         elif key in ("eps", "momentum") and key in out and value is not None:
-            if getattr(backend, f"fixed_{key}") is None:  # only the layer's momentum=None
-                raise Unsupported(f"backend {name!r} declares no cumulative average "
-                                  "(cumulative=False), this property needs momentum=None")
             raise Unsupported(f"backend {name!r} declares fixed_{key}="
                               f"{getattr(backend, f'fixed_{key}')!r}, this property varies "
                               f"{key}")

@@ -277,8 +277,11 @@ class Comparison:
             # the detail says what, and "error inf, tolerance 0" would only hide it.
             return f"{self.what}: {self.detail.strip()} [FAIL]"
         verdict = "ok" if self.passed else "FAIL"
-        text = (f"{self.what}: max |error| {self.max_error:.3g}, tolerance there "
-                f"{self.tolerance:.3g}, error/tolerance {self.ratio:.3g} [{verdict}]")
+        # The deciding element's error, tolerance and ratio belong together; the largest
+        # error anywhere may sit where the tolerance is wider, so it is reported apart.
+        text = (f"{self.what}: |error| {self.deciding_error:.3g} where the tolerance is "
+                f"{self.tolerance:.3g} (error/tolerance {self.ratio:.3g}); largest |error| "
+                f"anywhere {self.max_error:.3g} [{verdict}]")
         return f"{text}\n{self.detail}" if self.detail and not self.passed else text
 
 
