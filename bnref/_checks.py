@@ -299,3 +299,52 @@ def check_renorm_clipping(clipping: Any) -> dict[str, Any]:
         raise ValueError("dmax should be non-negative in the `renorm_clipping` argument. "
                          f"Received: dmax={dmax}.")
     return dict(clipping)
+
+
+# -- synchronized batch norm (JAX's named axes) ------------------------------------------
+
+AxisName = str | tuple[str, ...]
+Groups = tuple[tuple[int, ...], ...]
+
+
+def check_axis_name(axis_name: Any) -> AxisName | None:
+    """``axis_name``: None, a str (the name given to ``jax.vmap``/``jax.pmap``/a mesh axis of
+    ``jax.shard_map``) or a non-empty tuple of distinct str (several named axes reduced
+    together, as ``jax.lax.psum`` takes them); a list is taken as a tuple."""
+    if axis_name is None or isinstance(axis_name, str):
+        return axis_name
+    if isinstance(axis_name, (tuple, list)) and all(isinstance(n, str) for n in axis_name):
+        if not axis_name or len(set(axis_name)) != len(axis_name):
+            raise ValueError("axis_name must be a str or a non-empty tuple of distinct str, "
+                             f"got {axis_name!r}")
+        return tuple(axis_name)
+    raise TypeError("axis_name must be a str (the axis name of jax.vmap, jax.pmap or a "
+                    f"shard_map mesh), a tuple of str, or None, got {axis_name!r}")
+
+
+def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Groups | None:
+    """``axis_index_groups``: None, or a non-empty list of non-empty lists of ints >= 0 (axis
+    indices along ``axis_name``), no index twice; that they cover the axis is checked where
+    its size is known (:func:`sync_group_sizes`). Needs ``axis_name``."""
+    if axis_index_groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError("axis_index_groups needs axis_name (the groups are indices along "
+                         f"that named axis), got axis_index_groups={axis_index_groups!r} "
+                         "with axis_name=None")
+    message = ("axis_index_groups must be a list of lists of axis indices (ints >= 0), e.g. "
+               f"[[0, 1], [2, 3]], got {axis_index_groups!r}")
+    if hasattr(axis_index_groups, "tolist") and getattr(axis_index_groups, "ndim", 0) == 2:
+        axis_index_groups = axis_index_groups.tolist()  # a 2-D numpy array of indices
+    if not isinstance(axis_index_groups, (list, tuple)) or not all(
+            isinstance(group, (list, tuple)) for group in axis_index_groups):
+        raise TypeError(message)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+               and type(i).__name__ != "bool_" for group in axis_index_groups for i in group):
+        raise TypeError(message)
+    groups = tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+    indices = [i for group in groups for i in group]
+    if not groups or not all(groups) or min(indices) < 0 or len(set(indices)) != len(indices):
+        raise ValueError("axis_index_groups must be non-empty groups of axis indices >= 0, "
+                         f"each index in one group once, got {axis_index_groups!r}")
+    return groups

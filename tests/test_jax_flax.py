@@ -541,15 +541,7 @@ def test_linen_variables_jax_refuses_get_bnrefs_type_error():
 
 # --- 5. what is not supported says so; what is ignored is harmless ---------------------------
 
-@pytest.mark.parametrize("argument", ["axis_name", "axis_index_groups"])
-@by_api
-def test_cross_device_statistics_raise_not_implemented(api, argument):
-    value = "batch" if argument == "axis_name" else [[0, 1]]
-    with pytest.raises(NotImplementedError, match=r"[Ss]ynchronized batch norm"):
-        if api == "linen":
-            bf.BatchNorm(**{argument: value})
-        else:
-            bf.NNXBatchNorm(3, rngs=nnx.Rngs(0), **{argument: value})
+# axis_name/axis_index_groups (synchronized batch norm): tests/test_jax_sync.py.
 
 
 @by_api

@@ -26,10 +26,15 @@ in float32 and take the dtype ``m * old + (1 - m) * batch`` gives them (float64 
 float64 step). So the variables move between these modules and Flax's unchanged, and a model
 trains as with Flax's ``use_fast_variance=False``.
 
+``axis_name``/``axis_index_groups`` synchronize the batch statistics across the members of a
+named axis of ``jax.vmap``/``jax.pmap``/``jax.shard_map``, as Flax's do, but with the two-pass
+variance of the union (``bnref.jax.batch_norm``: psum of the sums, then of the squared
+deviations from the global mean), and groups work under ``vmap`` and ``shard_map`` as well.
+
 Accepted but not Flax's: ``use_fast_variance`` is ignored (bnref's variance is always
 two-pass, never E[x²]−E[x]², which is Flax's default and loses every digit at large
-offsets). Not supported: ``axis_name``/``axis_index_groups`` (statistics across devices) and
-``mask=`` raise ``NotImplementedError``; ``axis`` is one int, not a tuple of feature axes.
+offsets). Not supported: ``mask=`` raises ``NotImplementedError``; ``axis`` is one int, not a
+tuple of feature axes.
 
 The only module of ``bnref.jax`` that imports flax: ``import bnref.jax.flax`` opts in.
 """
@@ -44,18 +49,24 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from bnref._checks import check_batch_norm_args, check_bool, check_layer_args
+from bnref._checks import (
+    check_axis_index_groups,
+    check_axis_name,
+    check_batch_norm_args,
+    check_bool,
+    check_layer_args,
+)
 from bnref.conventions import DEFAULT, Convention
-from bnref.jax.functional import ARRAY_TYPE, as_jax, describe_array
+from bnref.jax.functional import (
+    ARRAY_TYPE,
+    _relaxed,
+    as_jax,
+    describe_array,
+)
 from bnref.jax.layer import BatchNorm as _Layer
 
 __all__ = ["BatchNorm", "NNXBatchNorm"]
 
-_SYNCHRONIZED = (
-    "axis_name/axis_index_groups (batch statistics across devices) are not implemented in "
-    "bnref.jax yet (synchronized batch norm is planned, issue 15). Until then use Flax's "
-    "BatchNorm(axis_name=..., use_fast_variance=False)."
-)
 _MASK = ("mask= (statistics over the unmasked positions only) is not implemented in "
          "bnref.jax; use Flax's BatchNorm(use_fast_variance=False) for masked batches.")
 
@@ -66,9 +77,10 @@ def _no_param() -> Any:
     return nnx.data(None) if hasattr(nnx, "data") else None
 
 
-def _refuse_synchronized(axis_name: Any, axis_index_groups: Any) -> None:
-    if axis_name is not None or axis_index_groups is not None:
-        raise NotImplementedError(_SYNCHRONIZED)
+def _check_synchronized(axis_name: Any, axis_index_groups: Any) -> None:
+    """Flax's ``axis_name``/``axis_index_groups``, validated at construction (whether they
+    cover the named axis is checked where it is bound, at call time)."""
+    check_axis_index_groups(axis_index_groups, check_axis_name(axis_name))
 
 
 def _floating(value: Any) -> bool:
@@ -77,11 +89,14 @@ def _floating(value: Any) -> bool:
 
 def _num_channels(x: Any, layer: _Layer, *, training: bool) -> int:
     """Validate ``x`` (type, dtype, rank, channel axis) before Flax's dtype arithmetic or the
-    parameters' shapes touch it; the parameters are validated by ``bnref.jax.batch_norm``."""
+    parameters' shapes touch it; the parameters are validated by ``bnref.jax.batch_norm``
+    (which, synchronized, decides the single-value refusal over the union)."""
+    synchronized = training and layer.axis_name is not None
     args = check_batch_norm_args(x, None, None, None, None, training=training,
                                  momentum=DEFAULT, eps=layer.epsilon, axis=layer.axis,
-                                 convention=layer.convention, inspect=describe_array,
-                                 array_type=ARRAY_TYPE)
+                                 convention=(_relaxed(layer.convention) if synchronized
+                                             else layer.convention),
+                                 inspect=describe_array, array_type=ARRAY_TYPE)
     return args.num_channels
 
 
@@ -125,7 +140,8 @@ class BatchNorm(nn.Module):
     ``force_float32_reductions=False`` gives ``batch_stats`` Flax's dtypes (created in
     ``param_dtype``, updated in the input's dtype); the statistics are still reduced in at
     least float32 (bnref's contract for float16 and bfloat16).
-    ``axis_name``/``axis_index_groups`` raise ``NotImplementedError``.
+    ``axis_name``/``axis_index_groups`` synchronize the statistics in training (not while
+    initializing, as linen), with bnref's two-pass variance of the union.
     """
 
     use_running_average: bool | None = None
@@ -148,7 +164,7 @@ class BatchNorm(nn.Module):
         args = check_layer_args(None, momentum=self.momentum, eps=self.epsilon,
                                 convention=self.convention, axis=self.axis,
                                 features_optional=True)
-        _refuse_synchronized(self.axis_name, self.axis_index_groups)
+        _check_synchronized(self.axis_name, self.axis_index_groups)
         check_bool("use_bias", self.use_bias)
         check_bool("use_scale", self.use_scale)
         # Resolved once, so the fields read as linen's do (module.momentum == 0.99); a clone
@@ -169,8 +185,12 @@ class BatchNorm(nn.Module):
         if mask is not None:
             raise NotImplementedError(_MASK)
         training = not use_running_average
+        # As linen, initializing does not synchronize (the named axis need not exist).
+        synchronized = not self.is_initializing()
         layer = _Layer(axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-                       convention=self.convention)
+                       convention=self.convention,
+                       axis_name=self.axis_name if synchronized else None,
+                       axis_index_groups=self.axis_index_groups if synchronized else None)
         channels = _num_channels(x, layer, training=training)
         # As linen: the running statistics first (no rng), then scale before bias, so a
         # random initializer draws the same keys.
@@ -206,7 +226,8 @@ class NNXBatchNorm(nnx.Module):
     (``nnx.BatchStat``, created in float32 whatever ``param_dtype`` is, as nnx does), plus
     ``num_batches_tracked`` with ``momentum=None``. ``use_running_average`` set here, by
     ``module.train()``/``module.eval()``, or at call time (which wins). ``use_fast_variance``
-    is accepted and ignored; ``axis_name``/``axis_index_groups`` raise ``NotImplementedError``.
+    is accepted and ignored; ``axis_name``/``axis_index_groups`` synchronize the statistics in
+    training, with bnref's two-pass variance of the union.
     """
 
     def __init__(
@@ -231,7 +252,7 @@ class NNXBatchNorm(nnx.Module):
     ) -> None:
         args = check_layer_args(num_features, momentum=momentum, eps=epsilon,
                                 convention=convention, axis=axis)
-        _refuse_synchronized(axis_name, axis_index_groups)
+        _check_synchronized(axis_name, axis_index_groups)
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -266,7 +287,8 @@ class NNXBatchNorm(nnx.Module):
             raise NotImplementedError(_MASK)
         training = not use_running_average
         layer = _Layer(axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-                       convention=self.convention)
+                       convention=self.convention, axis_name=self.axis_name,
+                       axis_index_groups=self.axis_index_groups)
         _num_channels(x, layer, training=training)
         running = {"mean": self.mean, "var": self.var}
         if self.momentum is None:

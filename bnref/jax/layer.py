@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnref._checks import check_bool, check_layer_args
+from bnref._checks import check_axis_index_groups, check_axis_name, check_bool, check_layer_args
 from bnref.conventions import DEFAULT, Convention
 from bnref.jax.functional import ArrayLike, as_jax, batch_norm
 
@@ -30,6 +30,12 @@ class BatchNorm:
     modes. An omitted ``momentum``/``epsilon``/``axis`` is the convention's default;
     ``num_features`` (optional, as in ``flax.nnx.BatchNorm``) lets ``init()`` go without a
     sample input.
+
+    ``axis_name``/``axis_index_groups`` (as Flax's): in training, the batch statistics (and so
+    ``y`` and the new ``batch_stats``) are those of every member of that named axis of
+    ``jax.vmap``/``jax.pmap``/``jax.shard_map`` together, or of each group of axis indices
+    (see :func:`bnref.jax.batch_norm`); ``apply`` must then run inside one. Inference is not
+    synchronized. ``init`` never communicates.
     """
 
     def __init__(
@@ -44,9 +50,13 @@ class BatchNorm:
         use_scale: bool = True,
         track_running_stats: bool = True,
         convention: str | Convention = "flax",
+        axis_name: str | tuple[str, ...] | None = None,
+        axis_index_groups: Any = None,
     ) -> None:
         args = check_layer_args(num_features, momentum=momentum, eps=epsilon,
                                 convention=convention, axis=axis, features_optional=True)
+        self.axis_name = check_axis_name(axis_name)
+        self.axis_index_groups = check_axis_index_groups(axis_index_groups, self.axis_name)
         self.num_features = num_features
         self.convention, self.momentum, self.epsilon = args.convention, args.momentum, args.eps
         self.axis = args.axis
@@ -98,6 +108,10 @@ class BatchNorm:
             stats["var"] if tracking or use_running else None,
             training=not use_running, momentum=momentum, eps=self.epsilon,
             axis=self.axis, convention=self.convention,
+            # Synchronized in training only (without batch_stats inference uses each
+            # member's own batch statistics, as torch.nn.SyncBatchNorm in eval()).
+            axis_name=self.axis_name if training else None,
+            axis_index_groups=self.axis_index_groups if training else None,
         )
         if not tracking:
             return y, variables
