@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 import bnref.numpy as bn
 from bnref.conventions import get_convention
+from bnref.testing.checks import _forward_tolerances
 from bnref.testing.fixtures import backend_or_skip
 from bnref.testing.strategies import BNCase, bn_cases, numpy_dtype, param_dtype, with_dy
 from bnref.testing.tolerances import (
@@ -225,23 +226,6 @@ def _dtype(name: str, got: np.ndarray, expected: Any) -> Comparison:
     same = got.dtype == np.dtype(expected)
     return Comparison(f"{name} dtype", 0.0 if same else np.inf, 0.0, 0.0 if same else np.inf,
                       "" if same else f"got {got.dtype}, expected {np.dtype(expected)}")
-
-
-def _forward_tolerances(case: BNCase, factor: float):
-    """Bounds on (y, new running mean, new running var) of the full batch in training."""
-    axis, x64 = case.channel_axis, case.x.astype(np.float64)
-    reduced = tuple(i for i in range(case.x.ndim) if i != axis)
-    y_tol = forward_tolerance(case.x, axis, gamma=case.gamma, beta=case.beta,
-                              eps=case.resolved_eps, mean=x64.mean(reduced),
-                              var=x64.var(reduced), batch_stats=True, factor=factor)
-    if case.running_mean is None:
-        return y_tol, 0.0, 0.0
-    conv = get_convention(case.convention)
-    mean_tol, var_tol = running_stat_tolerances(
-        case.x, axis, old_mean=case.running_mean, old_var=case.running_var,
-        new_value_weight=conv.new_value_weight(case.resolved_momentum),
-        stat_dtype=case.running_mean.dtype.name, factor=factor)
-    return y_tol, mean_tol, var_tol
 
 
 def forward_comparisons(case: BNCase, k: int, out: Synced) -> list[Comparison]:
