@@ -12,6 +12,7 @@ A dimension unknown until run time (the batch dimension of a traced TensorFlow g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -348,3 +349,14 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Groups | 
         raise ValueError("axis_index_groups must be non-empty groups of axis indices >= 0, "
                          f"each index in one group once, got {axis_index_groups!r}")
     return groups
+
+
+def relaxed_convention(convention: Any) -> Any:
+    """The convention without its single-value refusal, for synchronized batch norm: the
+    shards of one batch decide it over their union, not each on its own. Unchanged when it
+    does not resolve (the first check then raises ``batch_norm``'s error, in its order)."""
+    try:
+        conv = get_convention(convention)
+    except ValueError:
+        return convention
+    return dataclasses.replace(conv, single_value_error=False) if conv.single_value_error else conv

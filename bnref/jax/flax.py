@@ -55,11 +55,11 @@ from bnref._checks import (
     check_batch_norm_args,
     check_bool,
     check_layer_args,
+    relaxed_convention,
 )
 from bnref.conventions import DEFAULT, Convention
 from bnref.jax.functional import (
     ARRAY_TYPE,
-    _relaxed,
     as_jax,
     describe_array,
 )
@@ -94,7 +94,7 @@ def _num_channels(x: Any, layer: _Layer, *, training: bool) -> int:
     synchronized = training and layer.axis_name is not None
     args = check_batch_norm_args(x, None, None, None, None, training=training,
                                  momentum=DEFAULT, eps=layer.epsilon, axis=layer.axis,
-                                 convention=(_relaxed(layer.convention) if synchronized
+                                 convention=(relaxed_convention(layer.convention) if synchronized
                                              else layer.convention),
                                  inspect=describe_array, array_type=ARRAY_TYPE)
     return args.num_channels

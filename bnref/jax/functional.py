@@ -40,7 +40,6 @@ everywhere in JAX. Lists, tuples and other frameworks' tensors are refused with 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -55,6 +54,7 @@ from bnref._checks import (
     check_axis_index_groups,
     check_axis_name,
     check_batch_norm_args,
+    relaxed_convention,
 )
 from bnref.conventions import DEFAULT, Convention, get_convention
 
@@ -124,12 +124,6 @@ def sync_group_sizes(axis_name: AxisName, groups: Groups | None) -> list[int]:
         for i in group:
             sizes[i] = len(group)
     return sizes
-
-
-def _relaxed(conv: Convention) -> Convention:
-    """The convention without its single-value refusal: a synchronized call decides it over
-    the union of the shards."""
-    return dataclasses.replace(conv, single_value_error=False) if conv.single_value_error else conv
 
 
 def _group_sum(value: jax.Array, axis_name: AxisName, groups: Groups | None) -> jax.Array:
@@ -210,7 +204,7 @@ def batch_norm(
     relaxed = convention
     if synchronized:
         try:
-            relaxed = _relaxed(get_convention(convention))
+            relaxed = relaxed_convention(get_convention(convention))
         except ValueError:  # check_batch_norm_args names it
             pass
     args = check_batch_norm_args(x, gamma, beta, running_mean, running_var, training=training,

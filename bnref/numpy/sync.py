@@ -38,13 +38,17 @@ The backward pass uses the same global statistics and the global sums
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from bnref._checks import BatchNormArgs, check_batch_norm_args, check_like
+from bnref._checks import (
+    BatchNormArgs,
+    check_batch_norm_args,
+    check_like,
+    relaxed_convention,
+)
 from bnref.conventions import DEFAULT, Convention, get_convention
 from bnref.numpy.functional import (
     ARRAY_TYPE,
@@ -92,7 +96,7 @@ def shard_moments(x: np.ndarray, *, axis: int | None = None,
     """
     args = check_batch_norm_args(
         x, None, None, None, None, training=False, momentum=DEFAULT, eps=None, axis=axis,
-        convention=_relaxed(convention), inspect=_inspect, array_type=ARRAY_TYPE,
+        convention=relaxed_convention(convention), inspect=_inspect, array_type=ARRAY_TYPE,
         allow_empty=True)
     count, mean, var = _moments3(_as_3d(x, args.axis), compute_dtype(x.dtype))
     return np.full(mean.shape, count, np.int64), mean, var * count
@@ -203,17 +207,6 @@ def _check_list(name: str, value: Any, per: str) -> None:
                          f"{type(value).__name__}")
 
 
-def _relaxed(convention: Any) -> Any:
-    """The convention without its single-value refusal, which the shards take over their
-    union; unchanged when it does not resolve (the first check then raises ``batch_norm``'s
-    error, in ``batch_norm``'s order)."""
-    try:
-        conv = get_convention(convention)
-    except ValueError:
-        return convention
-    return dataclasses.replace(conv, single_value_error=False) if conv.single_value_error else conv
-
-
 def _note(error: Exception, index: int, total: int, name: str = "shards") -> None:
     if hasattr(error, "add_note"):  # Python 3.11+: the message stays batch_norm's
         error.add_note(f"in {name}[{index}] of {total}")
@@ -231,7 +224,7 @@ def _check_shards(shards: Any, gamma: Any, beta: Any, running_mean: Any, running
     """
     _check_list("shards", shards, "worker")
     total = len(shards)
-    relaxed = _relaxed(convention)
+    relaxed = relaxed_convention(convention)
     options = {"momentum": momentum, "eps": eps, "axis": axis, "inspect": _inspect,
                "array_type": ARRAY_TYPE, "allow_empty": True}
     for index, shard in enumerate(shards):  # the shard itself, as batch_norm checks x
