@@ -221,6 +221,8 @@ def backward_comparisons(sc: SyncCase, out: Synced) -> list[Comparison]:
     for name, got, parts, full, tol, tol2 in (
             ("dgamma", out.dgamma, dgammas, full_dgamma, dgamma_tol, dgamma_tol2),
             ("dbeta", out.dbeta, dbetas, full_dbeta, dbeta_tol, dbeta_tol2)):
+        if got is not None and all(g is None for g in got):  # a list of per-worker Nones
+            got = None
         if full is None or got is None:
             missing = (full is None) != (got is None)
             results.append(Comparison(name, np.inf if missing else 0.0, 0.0,

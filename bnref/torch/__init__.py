@@ -8,6 +8,7 @@ from bnref.torch.layer import (
     BatchNorm3d,
     fuser_method_mapping,
 )
+from bnref.torch.sync import SyncBatchNorm
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm",
            "fuser_method_mapping"]

@@ -132,18 +132,30 @@ def _analytic_backward(dy, x, gamma, m1, delta, invstd, dims, axis):
     ``|mean| >> sigma`` (``sum(dy * x) - mean * sum(dy)`` would lose ``u * |mean| / sigma``).
     """
     n = x.numel() // x.shape[axis]
-    ndim = x.ndim
-    centered = torch.sub(x, _per_channel(m1, ndim, axis))  # x's memory format
+    centered, work, sum_dy, dot = gradient_sums(dy, x, m1, delta, dims, axis)
+    dx = input_gradient(dy, centered, work, gamma, invstd, delta, sum_dy, dot, n, axis)
+    return dx, dot * invstd, sum_dy
+
+
+def gradient_sums(dy, x, m1, delta, dims, axis):
+    """(x - m1, a scratch buffer, sum(dy), sum(dy * (x - mean))) with mean = m1 + delta: the
+    two per-channel sums the input gradient needs (summed over every worker when
+    synchronized)."""
+    centered = torch.sub(x, _per_channel(m1, x.ndim, axis))  # x's memory format
     sum_dy = dy.sum(dims)
     work = torch.mul(centered, dy, out=torch.empty_like(centered))
-    dot = work.sum(dims) - delta * sum_dy
-    dgamma = dot * invstd
+    return centered, work, sum_dy, work.sum(dims) - delta * sum_dy
+
+
+def input_gradient(dy, centered, work, gamma, invstd, delta, sum_dy, dot, n, axis):
+    """dx = a * dy + b * (x - m1) + (k - b * delta) from the sums over ``n`` values, written
+    into ``work`` (see :func:`_analytic_backward`)."""
+    ndim = dy.ndim
     a = invstd if gamma is None else invstd * gamma
     b = -a * invstd * invstd * dot / n
     k = -a * sum_dy / n - b * delta
     dx = _affine(centered, _per_channel(b, ndim, axis), _per_channel(k, ndim, axis), out=work)
-    dx.addcmul_(dy, _per_channel(a, ndim, axis))
-    return dx, dgamma, sum_dy
+    return dx.addcmul_(dy, _per_channel(a, ndim, axis))
 
 
 def _standardized(wide: torch.Tensor, eps: float, dims: tuple[int, ...], axis: int):

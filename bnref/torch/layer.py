@@ -38,9 +38,10 @@ class BatchNorm(_BatchNorm):
     refused batch (one value per channel in training) leaves ``num_batches_tracked`` as it
     was; the built-in has already counted it.
 
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts this layer like the built-in, keeping
-    its state; the torch ``SyncBatchNorm`` it makes reads ``momentum`` torch's way and has its
-    channels on axis 1, so convert only layers with ``convention="torch"`` and ``axis=1``.
+    :meth:`bnref.torch.SyncBatchNorm.convert_sync_batchnorm` converts it (and the built-ins)
+    to bnref's synchronized layer, keeping its state, axis and convention. torch's own
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts it too, but the torch layer it makes
+    reads ``momentum`` torch's way, has its channels on axis 1, and refuses CPU tensors.
     """
 
     def __init__(
@@ -80,13 +81,7 @@ class BatchNorm(_BatchNorm):
             # control flow on shapes (and a training flag frozen at trace time).
             tracer = input.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
-        _check_rank(input, self._ranks)
-        if -input.dim() <= self.axis < input.dim() and (
-                input.shape[self.axis] != self.num_features):
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got x with "
-                f"{input.shape[self.axis]} channels on axis {self.axis}, shape "
-                f"{tuple(input.shape)}: num_features must be the channel count")
+        self._check_input(input)
         tracking = self.training and self.track_running_stats
         # Eval with running statistics normalises with them; everything else with the batch's.
         use_running = not self.training and self.running_mean is not None
@@ -97,19 +92,35 @@ class BatchNorm(_BatchNorm):
         y, mean, var = normalize(input, self.weight, self.bias, self.running_mean,
                                  self.running_var, args, batch_stats=not use_running)
         if tracking:  # only after the input was accepted: a refused batch changes nothing
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                if mean is not None:  # an empty batch moves no statistic
-                    momentum = self.momentum
-                    if momentum is None:
-                        # The k-th batch gets weight 1/k, as a tensor: no read on the host.
-                        new_weight = 1.0 / self.num_batches_tracked.to(mean.dtype)
-                        momentum = self.convention.momentum_for_new_value_weight(new_weight)
-                    new_mean, new_var = updated_running_stats(
-                        self.running_mean, self.running_var, mean, var, args, momentum)
-                    self.running_mean.copy_(new_mean)
-                    self.running_var.copy_(new_var)
+            self._track(mean, var, args)
         return y
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        _check_rank(input, self._ranks)
+        if -input.dim() <= self.axis < input.dim() and (
+                input.shape[self.axis] != self.num_features):
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got x with "
+                f"{input.shape[self.axis]} channels on axis {self.axis}, shape "
+                f"{tuple(input.shape)}: num_features must be the channel count")
+
+    def _track(self, mean: torch.Tensor | None, var: torch.Tensor | None, args) -> None:
+        """Count the batch, and move the running statistics towards its ``mean``/``var``
+        (``None``: an empty batch, which moves nothing) by the convention's rule, with
+        ``args.count`` values per channel behind the batch variance."""
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            if mean is None:
+                return
+            momentum = self.momentum
+            if momentum is None:
+                # The k-th batch gets weight 1/k, as a tensor: no read on the host.
+                new_weight = 1.0 / self.num_batches_tracked.to(mean.dtype)
+                momentum = self.convention.momentum_for_new_value_weight(new_weight)
+            new_mean, new_var = updated_running_stats(
+                self.running_mean, self.running_var, mean, var, args, momentum)
+            self.running_mean.copy_(new_mean)
+            self.running_var.copy_(new_var)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, axis={self.axis}, convention={self.convention.name!r}"
