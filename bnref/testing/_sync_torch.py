@@ -89,22 +89,38 @@ class TorchSyncPool:
             self._receive(rank, STARTUP_TIMEOUT)
 
     def _receive(self, rank: int, timeout: float) -> Any:
-        conn = self._conns[rank]
-        if not conn.poll(timeout):
-            self.close()
-            raise TimeoutError(f"torch sync worker {rank} did not answer in {timeout} s")
-        status, value = conn.recv()
-        if status == "error":
-            raise WorkerError(f"rank {rank}:\n{value}")
-        return value
+        return self._answers([rank], timeout)[0]
+
+    def _answers(self, ranks: list[int], timeout: float) -> list[Any]:
+        """Every rank's answer (all of them read, so the next call starts in step), then the
+        first worker error, if any, raised."""
+        answers, errors = [], []
+        for rank in ranks:
+            conn = self._conns[rank]
+            if not conn.poll(timeout):
+                self.close()
+                raise TimeoutError(f"torch sync worker {rank} did not answer in {timeout} s")
+            status, value = conn.recv()
+            answers.append(value)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{value}")
+        if errors:
+            raise WorkerError("\n".join(errors))
+        return answers
+
+    def call(self, function: str, k: int, payload: Any) -> list[Any]:
+        """``function(payload, group)`` on ranks ``0..k-1`` with ``group`` the process group
+        of those ranks; their answers, in rank order. ``function`` is ``"module:name"`` (or a
+        name in this module), importable in the workers."""
+        if not 1 <= k <= self.world:
+            raise ValueError(f"the pool has {self.world} ranks, the call needs {k}")
+        for conn in self._conns.values():
+            conn.send((function, k, payload))
+        return self._answers(list(range(self.world)), self.timeout)[:k]
 
     def run(self, sc: SyncCase) -> Synced:
         """One training step of ``SyncBatchNorm`` on ``sc``'s shards over its ``k`` ranks."""
-        if not 1 <= sc.k <= self.world:
-            raise ValueError(f"the pool has {self.world} ranks, the case needs {sc.k}")
-        for conn in self._conns.values():
-            conn.send(sc)
-        answers = [self._receive(rank, self.timeout) for rank in range(self.world)][:sc.k]
+        answers = self.call("step", sc.k, sc)
         return Synced(*(list(values) for values in zip(*answers, strict=True)))
 
     def close(self) -> None:
@@ -142,49 +158,112 @@ def run_torch_sync(cases: list[SyncCase], *, timeout: float = 120.0) -> list[Syn
 # -- the worker -------------------------------------------------------------------------------
 
 
-def _step(sc: SyncCase, group: Any) -> tuple:
-    """This rank's training step: (y, running_mean, running_var, dx, dweight, dbias)."""
+def make_layer(sc: SyncCase, group: Any, cls: Any = None):
+    """A ``SyncBatchNorm`` (or ``cls``) over ``group`` with ``sc``'s parameters and state.
+    A case with beta but no gamma gets a weight of ones that is not learned (the same
+    arithmetic: multiplying by 1 is exact)."""
     import torch
-    import torch.distributed as dist
 
     import bnref.torch as bt
-    from bnref.testing._torch import to_numpy, to_tensor
+    from bnref.testing._torch import to_tensor
 
-    rank = dist.get_rank()
     case = sc.case
-    shard, dy = sc.shards[rank], sc.dys[rank] if sc.dy is not None else None
     channels = case.x.shape[case.channel_axis]
-    options = {"eps": case.eps, "axis": case.axis, "convention": case.convention}
+    options: dict[str, Any] = {"eps": case.eps, "axis": case.axis,
+                               "convention": case.convention}
     if case.momentum is not DEFAULT:
         options["momentum"] = case.momentum
+    if cls is None:
+        cls, options["process_group"] = bt.SyncBatchNorm, group
     stats = case.running_mean is not None
-    layer = bt.SyncBatchNorm(channels, affine=case.gamma is not None or case.beta is not None,
-                             bias=case.beta is not None, track_running_stats=stats,
-                             process_group=group, dtype=torch.float64
-                             if case.dtype == "float64" else torch.float32, **options)
+    layer = cls(channels, affine=case.gamma is not None or case.beta is not None,
+                bias=case.beta is not None, track_running_stats=stats,
+                dtype=torch.float64 if case.dtype == "float64" else torch.float32, **options)
     with torch.no_grad():
         if case.gamma is not None:
             layer.weight.copy_(to_tensor(case.gamma))
-        elif layer.weight is not None:  # beta alone: a weight of ones, not learned
+        elif layer.weight is not None:
             layer.weight.requires_grad_(False)
         if case.beta is not None:
             layer.bias.copy_(to_tensor(case.beta))
         if stats:
             layer.running_mean.copy_(to_tensor(case.running_mean))
             layer.running_var.copy_(to_tensor(case.running_var))
-    x = to_tensor(shard).requires_grad_(dy is not None)
+    return layer
+
+
+def _train_step(layer: Any, sc: SyncCase, rank: int) -> tuple:
+    from bnref.testing._torch import to_numpy, to_tensor
+
+    case = sc.case
+    dy = sc.dys[rank] if sc.dy is not None else None
+    x = to_tensor(sc.shards[rank]).requires_grad_(dy is not None)
     y = layer(x)
     dx = dgamma = dbeta = None
     if dy is not None:
         y.backward(to_tensor(dy))
         dx = to_numpy(x.grad)
-        if case.gamma is not None:
-            dgamma = to_numpy(layer.weight.grad)
-        if case.beta is not None:
-            dbeta = to_numpy(layer.bias.grad)
-    mean = to_numpy(layer.running_mean) if stats else None
-    var = to_numpy(layer.running_var) if stats else None
-    return to_numpy(y.detach()), mean, var, dx, dgamma, dbeta
+        dgamma = to_numpy(layer.weight.grad) if case.gamma is not None else None
+        dbeta = to_numpy(layer.bias.grad) if case.beta is not None else None
+    stats = case.running_mean is not None
+    return (to_numpy(y.detach()), to_numpy(layer.running_mean) if stats else None,
+            to_numpy(layer.running_var) if stats else None, dx, dgamma, dbeta)
+
+
+def step(sc: SyncCase, group: Any) -> tuple:
+    """This rank's training step: (y, running_mean, running_var, dx, dweight, dbias)."""
+    import torch.distributed as dist
+
+    return _train_step(make_layer(sc, group), sc, dist.get_rank())
+
+
+def step_beside_plain(sc: SyncCase, group: Any) -> tuple[tuple, tuple]:
+    """The same step through ``SyncBatchNorm`` over ``group`` and through
+    ``bnref.torch.BatchNorm``: equal when ``group`` has one rank."""
+    import torch.distributed as dist
+
+    import bnref.torch as bt
+
+    rank = dist.get_rank()
+    return (_train_step(make_layer(sc, group), sc, rank),
+            _train_step(make_layer(sc, group, bt.BatchNorm), sc, rank))
+
+
+def alone_in_eval(sc: SyncCase, group: Any) -> Any:
+    """Rank 0 runs its layer in ``eval()`` while the other ranks of ``group`` do nothing:
+    any collective would wait for them (until the group's timeout)."""
+    import torch
+    import torch.distributed as dist
+
+    from bnref.testing._torch import to_numpy, to_tensor
+
+    if dist.get_rank() != 0:
+        return None
+    layer = make_layer(sc, group).eval()
+    with torch.no_grad():
+        return to_numpy(layer(to_tensor(sc.shards[0])))
+
+
+def builtin_on_cpu(sc: SyncCase, group: Any) -> str:
+    """What ``torch.nn.SyncBatchNorm`` does with a CPU tensor in training over ``group``."""
+    import torch
+    import torch.distributed as dist
+
+    from bnref.testing._torch import to_tensor
+
+    layer = torch.nn.SyncBatchNorm(sc.case.x.shape[1], process_group=group)
+    try:
+        layer(to_tensor(sc.shards[dist.get_rank()]))
+    except Exception as error:  # the refusal is the point: report it
+        return f"{type(error).__name__}: {error}"
+    return "ran"
+
+
+def _resolve(function: str):
+    import importlib
+
+    module, _, name = function.rpartition(":")
+    return getattr(importlib.import_module(module or __name__), name)
 
 
 def _worker(address: str, authkey: str, rank: int, world: int, store: str) -> None:
@@ -204,13 +283,14 @@ def _worker(address: str, authkey: str, rank: int, world: int, store: str) -> No
     conn.send(("ready", None))
     while True:
         try:
-            sc = conn.recv()
+            message = conn.recv()
         except EOFError:  # the parent went away
             break
-        if sc is None:
+        if message is None:
             break
         try:
-            result = _step(sc, groups[sc.k]) if rank < sc.k else (None,) * 6
+            function, k, payload = message
+            result = _resolve(function)(payload, groups[k]) if rank < k else None
             conn.send(("ok", result))
         except Exception:
             conn.send(("error", traceback.format_exc()))
