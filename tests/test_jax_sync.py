@@ -40,13 +40,13 @@ from hypothesis import strategies as st
 
 import bnref.numpy as bn
 from bnref.conventions import get_convention
-from bnref.testing.checks import _forward_tolerances
+from bnref.testing import sync
 from bnref.testing.fixtures import backend_or_skip
 from bnref.testing.strategies import BNCase, bn_cases, numpy_dtype, param_dtype, with_dy
+from bnref.testing.sync import SyncCase
 from bnref.testing.tolerances import (
     Comparison,
     compare,
-    compute_dtype_name,
     forward_tolerance,
     gradient_tolerances,
     running_stat_tolerances,
@@ -222,73 +222,20 @@ def _same(name: str, got: np.ndarray, expected: np.ndarray) -> Comparison:
     return compare(got, expected, 0.0, name)
 
 
-def _dtype(name: str, got: np.ndarray, expected: Any) -> Comparison:
-    same = got.dtype == np.dtype(expected)
-    return Comparison(f"{name} dtype", 0.0 if same else np.inf, 0.0, 0.0 if same else np.inf,
-                      "" if same else f"got {got.dtype}, expected {np.dtype(expected)}")
+def _equal_split(case: BNCase, k: int, dy: np.ndarray | None = None) -> SyncCase:
+    length = case.x.shape[_split_axis(case)]
+    return SyncCase(case, (length // k,) * k, dy)
 
 
 def forward_comparisons(case: BNCase, k: int, out: Synced) -> list[Comparison]:
-    """y per member vs the oracle's and the full batch's rows; the running statistics the
-    same on every member, and the full batch's; dtypes kept."""
-    wide = case.as_float64()
-    oracle = bn.sync_batch_norm(_shards(wide.x, case, k), *wide.arrays[1:], **wide.kwargs())
-    full_y, full_mean, full_var = bn.batch_norm(*case.arrays, **case.kwargs())
-    references = ((oracle, 1.0, "the float64 oracle"),
-                  ((_shards(full_y, case, k), full_mean, full_var), 2.0, "the full batch"))
-    results = [_dtype("y", out.y, case.x.dtype)]
-    for (ys, mean, var), factor, against in references:
-        y_tol, mean_tol, var_tol = _forward_tolerances(case, factor)
-        results += [compare(out.y[j], ys[j], y_tol, f"member {j} y vs {against}")
-                    for j in range(k)]
-        if case.running_mean is not None:
-            results += [compare(out.mean[0], mean, mean_tol, f"running_mean vs {against}"),
-                        compare(out.var[0], var, var_tol, f"running_var vs {against}")]
-    if case.running_mean is None:
-        assert out.mean is None and out.var is None
-        return results
-    results += [_dtype("running_mean", out.mean, case.running_mean.dtype),
-                _dtype("running_var", out.var, case.running_var.dtype)]
-    for j in range(1, k):
-        results += [_same(f"member {j} running_mean vs member 0's", out.mean[j], out.mean[0]),
-                    _same(f"member {j} running_var vs member 0's", out.var[j], out.var[0])]
-    return results
+    """The shared property's forward half (:mod:`bnref.testing.sync`), k equal shards."""
+    return sync.forward_comparisons(_equal_split(case, k), out)
 
 
 def backward_comparisons(case: BNCase, dy: np.ndarray, k: int,
                          out: Synced) -> list[Comparison]:
-    """dx per member vs the oracle's and the full batch's rows; each member's dgamma/dbeta vs
-    the oracle's per-shard part, and their sum vs the full batch's."""
-    wide = case.as_float64()
-    options = {"eps": case.eps, "axis": case.axis, "convention": case.convention}
-    dxs, dgammas, dbetas = bn.sync_batch_norm_backward(
-        _shards(dy.astype(np.float64), case, k), _shards(wide.x, case, k), wide.gamma,
-        beta=wide.beta, per_shard=True, **options)
-    full_dx, full_dgamma, full_dbeta = bn.batch_norm_backward(dy, case.x, case.gamma,
-                                                              beta=case.beta, **options)
-    pdtype = (case.gamma.dtype.name if case.gamma is not None
-              else compute_dtype_name(case.dtype))
-    tolerances = [gradient_tolerances(case.x, dy, case.channel_axis, gamma=case.gamma,
-                                      eps=case.resolved_eps, param_dtype=pdtype, factor=f)
-                  for f in (1.0, 2.0)]
-    (dx_tol, dgamma_tol, dbeta_tol), (dx_tol2, dgamma_tol2, dbeta_tol2) = tolerances
-    rows = _shards(full_dx, case, k)
-    results = [_dtype("dx", out.dx, case.x.dtype)]
-    for j in range(k):
-        results += [compare(out.dx[j], dxs[j], dx_tol, f"member {j} dx vs the float64 oracle"),
-                    compare(out.dx[j], rows[j], dx_tol2, f"member {j} dx vs the full batch")]
-    for name, got, parts, full, tol, tol2 in (
-            ("dgamma", out.dgamma, dgammas, full_dgamma, dgamma_tol, dgamma_tol2),
-            ("dbeta", out.dbeta, dbetas, full_dbeta, dbeta_tol, dbeta_tol2)):
-        assert (got is None) == (full is None), name
-        if got is None:
-            continue
-        results.append(_dtype(name, got, pdtype))
-        results += [compare(got[j], parts[j], tol, f"member {j} {name} vs the oracle's part")
-                    for j in range(k)]
-        results.append(compare(got.astype(np.float64).sum(axis=0), full, tol2,
-                               f"sum of the members' {name} vs the full batch's"))
-    return results
+    """The shared property's backward half, k equal shards."""
+    return sync.backward_comparisons(_equal_split(case, k, dy), out)
 
 
 # == in this process: jax.vmap(..., axis_name=) ===============================================
