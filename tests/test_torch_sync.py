@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,10 +250,15 @@ def test_convert_sync_batchnorm_keeps_state_axis_and_convention():
 
 
 def _torchrun(args: list[str], env: dict[str, str], timeout: float) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", str(REPO / "examples" / "ddp_sync_batchnorm.py"),
-               *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    """The README's torchrun command (torchrun is this interpreter's torch.distributed.run)."""
+    match = re.search(r"<!-- example:torchrun -->\n```\w*\n(.*?)```",
+                      (REPO / "README.md").read_text(), re.S)
+    assert match, "README has no torchrun example"
+    words = match.group(1).split()
+    assert words[0] == "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", *words[1:], *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
