@@ -240,6 +240,8 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
                 restrictions = {**builtin.cases, "dtypes": (dtype,)}
                 tasks.append(Task(f"{label} {builtin_name}", dtype,
                                   drawn(strategy(restrictions)), check(builtin)))
+    if registered and name in SYNC_RUNNERS and wanted("float32"):
+        tasks.append(_sync_task(name, backend, count))
     mistakes = [m for m in checks.MISTAKES if m.applies_to(backend) is None]
     tasks.append(Task("bad input", "-", lambda: mistakes,
                       lambda mistake: checks.check_mistake(backend, mistake)))
@@ -247,6 +249,46 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
         tasks.append(Task("bad layer arguments", "-", lambda: list(checks.LAYER_MISTAKES),
                           lambda mistake: checks.check_layer_mistake(backend, mistake)))
     return tasks
+
+
+# Each backend's synchronized run: "module:function" taking a list of SyncCases (k = 2) and
+# returning one Synced per case from a real multi-process or multi-device unit; and whether
+# its engine needs equal shards.
+SYNC_RUNNERS = {
+    "torch": ("bnref.testing._sync_torch:run_torch_sync", False),
+    "jax": ("bnref.testing._sync_jax:run_jax_sync", True),
+}
+
+
+def _sync_task(name: str, backend, count: int) -> Task:
+    """The row "sync k=2 == full batch": every case through one real 2-worker unit (gloo
+    ranks, host devices), then the shared property per case (forward, gradients, running
+    statistics)."""
+    import importlib
+
+    from bnref.testing import sync
+    from bnref.testing.strategies import SHAPE_POOL
+
+    path, even = SYNC_RUNNERS[name]
+    module, function = path.split(":")
+    shapes = {"shapes": backend.shape_pool or SHAPE_POOL}
+    strategy = sync.sync_cases(ks=(2,), dtypes=("float32",), even=even, **shapes).filter(
+        lambda sc: sc.k == 2)
+    results: dict[int, Any] = {}
+
+    def run(indexed: tuple[int, Any]) -> list[Any]:
+        index, sc = indexed
+        if not results:  # the first case runs them all: one unit, started once
+            cases = [case for _, case in drawn()]
+            outputs = getattr(importlib.import_module(module), function)(cases)
+            results.update(enumerate(outputs))
+        return sync.forward_comparisons(sc, results[index]) + sync.backward_comparisons(
+            sc, results[index])
+
+    def drawn() -> list[tuple[int, Any]]:
+        return list(enumerate(draw_examples(strategy, count)))
+
+    return Task("sync k=2 == full batch", "float32", drawn, run)
 
 
 def _pair_tasks(a, b, examples: int, dtypes: Sequence[str] | None) -> list[Task]:

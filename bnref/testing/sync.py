@@ -110,11 +110,12 @@ def _sizes(draw, length: int, k: int, empty: bool) -> tuple[int, ...]:
 
 @st.composite
 def sync_cases(draw, *, ks: tuple[int, ...] = (1, 2, 3, 4), dtypes: tuple[str, ...] = (
-        "float16", "bfloat16", "float32", "float64"), empty: bool = True,
+        "float16", "bfloat16", "float32", "float64"), empty: bool = True, even: bool = False,
         gradients: bool = True, **restrictions: Any) -> SyncCase:
     """A :class:`SyncCase`: a training case of ``bn_cases(**restrictions)`` whose batch axis
     is cut into ``k`` uneven shards (empty ones too with ``empty``), with a ``dy`` when
-    ``gradients``."""
+    ``gradients``. ``even=True`` cuts equal shards (what JAX's collectives need): the batch
+    axis is cut down to a multiple of ``k`` (and ``k`` to the batch axis' length)."""
     k = draw(st.sampled_from(ks), label="k")
     cases = bn_cases(dtypes=dtypes, training=True, **restrictions)
     if gradients:
@@ -123,6 +124,15 @@ def sync_cases(draw, *, ks: tuple[int, ...] = (1, 2, 3, 4), dtypes: tuple[str, .
         case, dy = draw(cases, label="case"), None
     split = 1 if case.channel_axis == 0 else 0
     length = case.x.shape[split]
+    if even:
+        k = min(k, length)
+        keep = np.arange(length // k * k)
+        x = np.take(case.x, keep, axis=split)
+        if np.prod(x.shape) // x.shape[case.channel_axis] < 2:  # the full batch: 2 values
+            x, k = case.x, 1
+        case = case.with_(x=x)
+        dy = None if dy is None else np.take(dy, np.arange(x.shape[split]), axis=split)
+        return SyncCase(case, (x.shape[split] // k,) * k, dy)
     if not empty and length < k:  # not enough rows for k non-empty shards: fewer workers
         k = max(1, length)
     sizes = draw(_sizes(length, k, empty), label="sizes")
