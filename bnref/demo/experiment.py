@@ -1,0 +1,194 @@
+"""The demo's runs: every installed framework, both models, without BN, with bnref's layer and with
+the framework's built-in, from the same weights on the same batches; then how far apart they
+are, and the ported-naively experiment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from bnref.demo import data as datasets
+from bnref.demo.core import SGD_FORMS, Hyper, Job, RunResult, initial_weights
+
+__all__ = ["BACKENDS", "Settings", "agreement", "available_backends", "run_all"]
+
+BACKENDS = ("numpy", "torch", "jax", "tf", "mxnet")
+_FRAMEWORK = {"numpy": "numpy", "torch": "torch", "jax": "jax", "tf": "tensorflow",
+              "mxnet": "mxnet"}
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's size. ``quick`` is for tests: fewer samples and steps, same models."""
+
+    dtype: str = "float32"
+    mlp_steps: int = 300
+    cnn_steps: int = 150
+    port_steps: int = 100
+    mnist_samples: int = 4000
+    mlp_hyper: Hyper = Hyper(lr=0.05, batch=100)
+    cnn_hyper: Hyper = Hyper(lr=0.1, batch=64)
+
+    @classmethod
+    def quick(cls, dtype: str = "float32") -> Settings:
+        return cls(dtype=dtype, mlp_steps=40, cnn_steps=20, port_steps=20, mnist_samples=1000)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "mlp_steps": self.mlp_steps, "cnn_steps": self.cnn_steps,
+                "port_steps": self.port_steps, "mnist_samples": self.mnist_samples,
+                "mlp_hyper": vars(self.mlp_hyper), "cnn_hyper": vars(self.cnn_hyper),
+                "seed": SEED}
+
+
+def available_backends() -> list[str]:
+    """The frameworks installed here, in bnref's order."""
+    return [b for b in BACKENDS if importlib.util.find_spec(_FRAMEWORK[b]) is not None]
+
+
+def trainer(backend: str):
+    if backend == "mxnet":
+        from bnref.mxnet import _compat  # noqa: F401  (numpy.bool for MXNet 1.9.1)
+    return importlib.import_module(f"bnref.demo.train_{backend}")
+
+
+class _Bar:
+    """One progress bar per run, on stderr when it is a terminal."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled and sys.stderr.isatty()
+
+    def __call__(self, step: int) -> None:
+        if self.enabled and (step % 10 == 9 or step + 1 == self.total):
+            done = (step + 1) * 30 // self.total
+            sys.stderr.write(f"\r{self.label:<24} [{'#' * done}{'.' * (30 - done)}] "
+                             f"{step + 1}/{self.total}")
+            if step + 1 == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class Runs:
+    settings: Settings
+    results: dict[str, RunResult] = field(default_factory=dict)  # "backend/model/bn"
+    port: dict[str, RunResult] = field(default_factory=dict)  # "naive", "converted"
+    port_notes: list[str] = field(default_factory=list)
+    port_momentum: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def jobs_for(settings: Settings, backends: list[str], data: dict[str, datasets.Dataset]):
+    for model, steps, hyper, name in (("mlp", settings.mlp_steps, settings.mlp_hyper, "mnist1d"),
+                                      ("cnn", settings.cnn_steps, settings.cnn_hyper, "digits")):
+        ds = data[name]
+        batches = datasets.batch_order(len(ds.y_train), hyper.batch, steps, SEED + 1)
+        weights = initial_weights(model, SEED)
+        for backend in backends:
+            for bn in ("none", "bnref", "builtin"):
+                if backend == "numpy" and bn == "builtin":
+                    continue  # numpy has no built-in batch norm
+                yield Job(backend, model, bn, settings.dtype, weights, ds.x_train, ds.y_train,
+                          ds.x_test, ds.y_test, batches, hyper)
+
+
+def run_all(settings: Settings, backends: list[str] | None = None,
+            progress: bool = True) -> Runs:
+    """Every run, then the port experiment (when torch and tf are both there)."""
+    start = time.perf_counter()
+    backends = available_backends() if backends is None else list(backends)
+    data = {"mnist1d": datasets.mnist1d(settings.mnist_samples), "digits": datasets.digits()}
+    runs = Runs(settings)
+    for job in jobs_for(settings, backends, data):
+        job = replace(job, on_step=_Bar(job.key, job.steps, progress))
+        runs.results[job.key] = trainer(job.backend).train(job)
+    if "torch" in backends and "tf" in backends:
+        _port(runs, data["mnist1d"], settings, progress)
+    runs.seconds = time.perf_counter() - start
+    return runs
+
+
+def _port(runs: Runs, ds: datasets.Dataset, settings: Settings, progress: bool) -> None:
+    """(e): the torch-trained MLP (built-in BN) moved to Keras twice and trained on: once with
+    torch's momentum number copied as it is (0.1, which Keras reads as the OLD value's
+    weight), once through ``bnref.convert`` (which translates it to 0.9)."""
+    import torch
+
+    from bnref.convert import convert
+
+    trained = runs.results["torch/mlp/builtin"].final
+    hyper = settings.mlp_hyper
+    weights = dict(trained)
+    keras_momentum = None
+    for i in itertools.count():
+        if f"bn{i}/gamma" not in trained:
+            break
+        layer = torch.nn.BatchNorm1d(len(trained[f"bn{i}/gamma"]), eps=hyper.bn_eps,
+                                     momentum=hyper.bn_new_weight).double()
+        with torch.no_grad():
+            for ours, theirs in (("gamma", "weight"), ("beta", "bias"),
+                                 ("running_mean", "running_mean"),
+                                 ("running_var", "running_var")):
+                getattr(layer, theirs).copy_(torch.from_numpy(trained[f"bn{i}/{ours}"]))
+        keras_layer, notes = convert(layer, "keras", ndim=2)
+        keras_momentum = float(keras_layer.momentum)
+        for ours, variable in (("gamma", keras_layer.gamma), ("beta", keras_layer.beta),
+                               ("running_mean", keras_layer.moving_mean),
+                               ("running_var", keras_layer.moving_variance)):
+            weights[f"bn{i}/{ours}"] = np.asarray(variable.numpy(), np.float64)
+        runs.port_notes = list(notes)
+    batches = datasets.batch_order(len(ds.y_train), hyper.batch, settings.port_steps, SEED + 2)
+    runs.port_momentum = {"naive": hyper.bn_new_weight, "converted": keras_momentum}
+    train_tf = trainer("tf")
+    for name, momentum in runs.port_momentum.items():
+        # Keras momentum m weights the old value: the new batch's weight is 1 - m.
+        job = Job("tf", "mlp", "builtin", settings.dtype, weights, ds.x_train, ds.y_train,
+                  ds.x_test, ds.y_test, batches, replace(hyper, bn_new_weight=1 - momentum),
+                  record_every=1, eval_every=5)
+        job = replace(job, on_step=_Bar(f"port: {name}", job.steps, progress))
+        runs.port[name] = train_tf.train(job)
+
+
+def relative_difference(a: list[float], b: list[float]) -> float:
+    """Largest |a - b| / |b| over the steps."""
+    a_, b_ = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a_ - b_) / np.abs(b_)))
+
+
+def agreement(results: dict[str, RunResult]) -> dict[str, Any]:
+    """The largest relative loss difference over the run, for every pair of frameworks (same
+    model, same BN), and between bnref's layer and the built-in in each framework."""
+    pairs: dict[str, float] = {}
+    keys = sorted(results)
+    for a, b in itertools.combinations(keys, 2):
+        backend_a, model_a, bn_a = a.split("/")
+        backend_b, model_b, bn_b = b.split("/")
+        if model_a == model_b and bn_a == bn_b and backend_a != backend_b:
+            pairs[f"{model_a}/{bn_a}: {backend_a}~{backend_b}"] = relative_difference(
+                results[a].loss, results[b].loss)
+    builtin = {}
+    for key in keys:
+        backend, model, bn = key.split("/")
+        if bn == "bnref" and f"{backend}/{model}/builtin" in results:
+            builtin[f"{model}: {backend}"] = relative_difference(
+                results[key].loss, results[f"{backend}/{model}/builtin"].loss)
+    return {"frameworks": pairs, "bnref_vs_builtin": builtin}
+
+
+def metrics(runs: Runs) -> dict[str, Any]:
+    """Everything measured, as plain JSON data."""
+    return {"settings": runs.settings.as_dict(),
+            "sgd": SGD_FORMS,
+            "runs": {key: result.as_dict() for key, result in runs.results.items()},
+            "agreement": agreement(runs.results),
+            "port": {"momentum": runs.port_momentum, "notes": runs.port_notes,
+                     "runs": {key: result.as_dict() for key, result in runs.port.items()}},
+            "seconds": runs.seconds}
