@@ -583,6 +583,27 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0 if diagnosis.conforms else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import bnref.demo
+
+    backends = ([n.strip() for n in args.backends.split(",") if n.strip()]
+                if args.backends else None)
+    try:
+        metrics = bnref.demo.run(args.out, backends=backends, quick=args.quick,
+                                 dtype="float64" if args.float64 else "float32",
+                                 progress=sys.stderr.isatty())
+    except (bnref.demo.MissingExtra, ValueError) as error:
+        print(f"bnref demo: {error}", file=sys.stderr)
+        return 2
+    pairs = metrics["agreement"]["frameworks"]
+    if pairs:
+        worst = max(pairs, key=pairs.get)
+        print(f"largest relative loss difference between frameworks: {pairs[worst]:.3g} "
+              f"({worst})")
+    print(f"wrote {args.out}/index.html ({metrics['seconds']:.1f} s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bnref", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -604,7 +625,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     diag.add_argument("--json", action="store_true")
     conv = sub.add_parser("conventions", help="print the conventions table")
     conv.add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="train with and without BN in every installed "
+                                       "framework from the same weights; write plots, "
+                                       "metrics.json and index.html")
+    demo.add_argument("--out", default="bnref-demo", help="output folder (default bnref-demo)")
+    demo.add_argument("--backends", help="comma-separated (default: every installed one)")
+    demo.add_argument("--quick", action="store_true", help="fewer samples and steps")
+    demo.add_argument("--float64", action="store_true", help="train in float64")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
     if args.command in ("check", "diagnose") and (args.implementation or args.layer):
         if args.convention is not None and args.convention not in ALL_CONVENTIONS:
             parser.error(f"--convention must be one of {sorted(ALL_CONVENTIONS)}, got "

@@ -35,8 +35,8 @@ class Settings:
     cnn_steps: int = 150
     port_steps: int = 100
     mnist_samples: int = 4000
-    mlp_hyper: Hyper = Hyper(lr=0.05, batch=100)
-    cnn_hyper: Hyper = Hyper(lr=0.1, batch=64)
+    mlp_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.05, batch=100))
+    cnn_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.1, batch=64))
 
     @classmethod
     def quick(cls, dtype: str = "float32") -> Settings:
@@ -86,9 +86,12 @@ class Runs:
     seconds: float = 0.0
 
 
-def jobs_for(settings: Settings, backends: list[str], data: dict[str, datasets.Dataset]):
+def jobs_for(settings: Settings, backends: list[str], data: dict[str, datasets.Dataset],
+             models: tuple[str, ...] = ("mlp", "cnn")):
     for model, steps, hyper, name in (("mlp", settings.mlp_steps, settings.mlp_hyper, "mnist1d"),
                                       ("cnn", settings.cnn_steps, settings.cnn_hyper, "digits")):
+        if model not in models:
+            continue
         ds = data[name]
         batches = datasets.batch_order(len(ds.y_train), hyper.batch, steps, SEED + 1)
         weights = initial_weights(model, SEED)
@@ -101,16 +104,17 @@ def jobs_for(settings: Settings, backends: list[str], data: dict[str, datasets.D
 
 
 def run_all(settings: Settings, backends: list[str] | None = None,
-            progress: bool = True) -> Runs:
+            progress: bool = True, models: tuple[str, ...] = ("mlp", "cnn")) -> Runs:
     """Every run, then the port experiment (when torch and tf are both there)."""
     start = time.perf_counter()
     backends = available_backends() if backends is None else list(backends)
-    data = {"mnist1d": datasets.mnist1d(settings.mnist_samples), "digits": datasets.digits()}
+    data = {"mnist1d": datasets.mnist1d(settings.mnist_samples) if "mlp" in models else None,
+            "digits": datasets.digits() if "cnn" in models else None}
     runs = Runs(settings)
-    for job in jobs_for(settings, backends, data):
+    for job in jobs_for(settings, backends, data, models):
         job = replace(job, on_step=_Bar(job.key, job.steps, progress))
         runs.results[job.key] = trainer(job.backend).train(job)
-    if "torch" in backends and "tf" in backends:
+    if "torch" in backends and "tf" in backends and "mlp" in models:
         _port(runs, data["mnist1d"], settings, progress)
     runs.seconds = time.perf_counter() - start
     return runs
