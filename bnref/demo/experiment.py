@@ -83,6 +83,7 @@ class Runs:
     port: dict[str, RunResult] = field(default_factory=dict)  # "naive", "converted"
     port_notes: list[str] = field(default_factory=list)
     port_momentum: dict[str, float] = field(default_factory=dict)
+    port_start_running_var: list[list[float]] = field(default_factory=list)  # [bn][channel]
     seconds: float = 0.0
 
 
@@ -151,6 +152,7 @@ def _port(runs: Runs, ds: datasets.Dataset, settings: Settings, progress: bool) 
         runs.port_notes = list(notes)
     batches = datasets.batch_order(len(ds.y_train), hyper.batch, settings.port_steps, SEED + 2)
     runs.port_momentum = {"naive": hyper.bn_new_weight, "converted": keras_momentum}
+    runs.port_start_running_var = [weights[f"bn{j}/running_var"].tolist() for j in range(i)]
     train_tf = trainer("tf")
     for name, momentum in runs.port_momentum.items():
         # Keras momentum m weights the old value: the new batch's weight is 1 - m.
@@ -194,5 +196,6 @@ def metrics(runs: Runs) -> dict[str, Any]:
             "runs": {key: result.as_dict() for key, result in runs.results.items()},
             "agreement": agreement(runs.results),
             "port": {"momentum": runs.port_momentum, "notes": runs.port_notes,
+                     "start_running_var": runs.port_start_running_var,
                      "runs": {key: result.as_dict() for key, result in runs.port.items()}},
             "seconds": runs.seconds}
