@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -60,20 +61,28 @@ def trainer(backend: str):
     return importlib.import_module(f"bnref.demo.train_{backend}")
 
 
+_LIVE = True  # False in worker processes, whose bars would overwrite each other's line
+
+
 class _Bar:
-    """One progress bar per run, on stderr when it is a terminal."""
+    """One progress bar per run on stderr (when it is a terminal); from a worker process, one
+    finished bar per run."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
         self.label, self.total, self.enabled = label, total, enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
 
     def __call__(self, step: int) -> None:
-        if self.enabled and (step % 10 == 9 or step + 1 == self.total):
-            done = (step + 1) * 30 // self.total
-            sys.stderr.write(f"\r{self.label:<24} [{'#' * done}{'.' * (30 - done)}] "
-                             f"{step + 1}/{self.total}")
-            if step + 1 == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        last = step + 1 == self.total
+        if not self.enabled or not (last or (_LIVE and step % 10 == 9)):
+            return
+        done = (step + 1) * 30 // self.total
+        sys.stderr.write(f"{'' if _LIVE else chr(10)}\r{self.label:<24} "
+                         f"[{'#' * done}{'.' * (30 - done)}] {step + 1}/{self.total}")
+        if last:
+            sys.stderr.write(f" {time.perf_counter() - self.start:.1f} s" + (
+                "\n" if _LIVE else ""))
+        sys.stderr.flush()
 
 
 @dataclass
@@ -104,38 +113,103 @@ def jobs_for(settings: Settings, backends: list[str], data: dict[str, datasets.D
                           ds.x_test, ds.y_test, batches, hyper)
 
 
+# Rough seconds of each backend's runs at the default settings: the heaviest go first.
+_COST = {"tf": 5, "jax": 4, "mxnet": 3, "torch": 2, "numpy": 1}
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+               "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1"}
+
+
 def run_all(settings: Settings, backends: list[str] | None = None,
-            progress: bool = True, models: tuple[str, ...] = ("mlp", "cnn")) -> Runs:
-    """Every run, then the port experiment (when torch and tf are both there)."""
+            progress: bool = True, models: tuple[str, ...] = ("mlp", "cnn"),
+            jobs: int | None = None) -> Runs:
+    """Every run, then the port experiment (when torch and tf are both there).
+
+    With ``jobs > 1`` (default: one per core, at most 2) each framework's runs go to one of
+    ``jobs`` worker processes with one thread each, heaviest first; the data is made once, here.
+    The results do not depend on ``jobs``: every run is one thread either way."""
     start = time.perf_counter()
     backends = available_backends() if backends is None else list(backends)
     data = {"mnist1d": datasets.mnist1d(settings.mnist_samples) if "mlp" in models else None,
             "digits": datasets.digits() if "cnn" in models else None}
     runs = Runs(settings)
-    for job in jobs_for(settings, backends, data, models):
-        job = replace(job, on_step=_Bar(job.key, job.steps, progress))
-        runs.results[job.key] = trainer(job.backend).train(job)
-    if "torch" in backends and "tf" in backends and "mlp" in models:
-        _port(runs, data["mnist1d"], settings, progress)
+    jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
+    port = "torch" in backends and "tf" in backends and "mlp" in models
+    if jobs <= 1:
+        _one_thread()
+        for backend in backends:
+            runs.results.update(_backend_runs(settings, backend, data, models, progress))
+        if port:
+            _port(runs, data["mnist1d"], settings, progress)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker) as pool:
+            futures = {b: pool.submit(_backend_runs, settings, b, data, models, progress)
+                       for b in sorted(backends, key=lambda b: -_COST[b])}
+            for backend in backends:
+                runs.results.update(futures[backend].result())
+            if port:
+                runs.port_momentum, runs.port_notes, runs.port_start_running_var, runs.port = (
+                    pool.submit(_port_runs, runs.results["torch/mlp/builtin"].final,
+                                data["mnist1d"], settings, progress).result())
+    runs.results = {job.key: runs.results[job.key]
+                    for job in jobs_for(settings, backends, data, models)}  # a fixed order
     runs.seconds = time.perf_counter() - start
     return runs
 
 
+def _worker() -> None:
+    global _LIVE
+    _LIVE = False
+    _one_thread()
+
+
+def _one_thread() -> None:
+    """Every framework on one thread (set before any of them is imported in a worker)."""
+    for key, value in _ONE_THREAD.items():
+        os.environ.setdefault(key, value)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _backend_runs(settings: Settings, backend: str, data: dict[str, Any],
+                  models: tuple[str, ...], progress: bool) -> dict[str, RunResult]:
+    """One framework's runs, in order."""
+    if backend == "torch" or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(1)
+    results = {}
+    for job in jobs_for(settings, [backend], data, models):
+        job = replace(job, on_step=_Bar(job.key, job.steps, progress))
+        results[job.key] = trainer(backend).train(job)
+    return results
+
+
 def _port(runs: Runs, ds: datasets.Dataset, settings: Settings, progress: bool) -> None:
-    """(e): the torch-trained MLP (built-in BN) moved to Keras twice and trained on: once with
-    torch's momentum number copied as it is (0.1, which Keras reads as the OLD value's
-    weight), once through ``bnref.convert`` (which translates it to 0.9)."""
+    runs.port_momentum, runs.port_notes, runs.port_start_running_var, runs.port = _port_runs(
+        runs.results["torch/mlp/builtin"].final, ds, settings, progress)
+
+
+def _port_runs(trained: dict[str, np.ndarray], ds: datasets.Dataset, settings: Settings,
+               progress: bool):
+    """(e): the torch-trained MLP (built-in BN, state ``trained``) moved to Keras twice and
+    trained on: once with torch's momentum number copied as it is (0.1, which Keras reads as
+    the OLD value's weight), once through ``bnref.convert`` (which translates it to 0.9).
+    Returns (momenta, convert's notes, the running variances it starts from, the runs)."""
     import torch
 
     from bnref.convert import convert
 
-    trained = runs.results["torch/mlp/builtin"].final
     hyper = settings.mlp_hyper
     weights = dict(trained)
-    keras_momentum = None
-    for i in itertools.count():
-        if f"bn{i}/gamma" not in trained:
-            break
+    keras_momentum, notes, layers = None, [], 0
+    while f"bn{layers}/gamma" in trained:
+        i, layers = layers, layers + 1
         layer = torch.nn.BatchNorm1d(len(trained[f"bn{i}/gamma"]), eps=hyper.bn_eps,
                                      momentum=hyper.bn_new_weight).double()
         with torch.no_grad():
@@ -149,18 +223,18 @@ def _port(runs: Runs, ds: datasets.Dataset, settings: Settings, progress: bool) 
                                ("running_mean", keras_layer.moving_mean),
                                ("running_var", keras_layer.moving_variance)):
             weights[f"bn{i}/{ours}"] = np.asarray(variable.numpy(), np.float64)
-        runs.port_notes = list(notes)
     batches = datasets.batch_order(len(ds.y_train), hyper.batch, settings.port_steps, SEED + 2)
-    runs.port_momentum = {"naive": hyper.bn_new_weight, "converted": keras_momentum}
-    runs.port_start_running_var = [weights[f"bn{j}/running_var"].tolist() for j in range(i)]
-    train_tf = trainer("tf")
-    for name, momentum in runs.port_momentum.items():
+    momenta = {"naive": hyper.bn_new_weight, "converted": keras_momentum}
+    start = [weights[f"bn{j}/running_var"].tolist() for j in range(layers)]
+    results = {}
+    for name, momentum in momenta.items():
         # Keras momentum m weights the old value: the new batch's weight is 1 - m.
         job = Job("tf", "mlp", "builtin", settings.dtype, weights, ds.x_train, ds.y_train,
                   ds.x_test, ds.y_test, batches, replace(hyper, bn_new_weight=1 - momentum),
                   record_every=1, eval_every=5)
         job = replace(job, on_step=_Bar(f"port: {name}", job.steps, progress))
-        runs.port[name] = train_tf.train(job)
+        results[name] = trainer("tf").train(job)
+    return momenta, list(notes), start, results
 
 
 def relative_difference(a: list[float], b: list[float]) -> float:
