@@ -55,11 +55,15 @@ SGD_FORMS = {
 
 @dataclass(frozen=True)
 class Hyper:
-    """Training hyperparameters, framework-neutral."""
+    """Training hyperparameters, framework-neutral.
 
-    lr: float = 0.05
-    momentum: float = 0.9  # SGD momentum
-    bn_new_weight: float = 0.1  # weight of the batch statistic in the running average
+    Every value is exact in float32 (a sum of a few powers of two): MXNet's SGD and BatchNorm
+    operators take ``lr`` and ``momentum`` as float32 even for float64 weights, and 0.05 or
+    0.9 rounded to float32 would set MXNet's float64 runs 1e-8 apart from the others'."""
+
+    lr: float = 0.0625
+    momentum: float = 0.875  # SGD momentum
+    bn_new_weight: float = 0.125  # weight of the batch statistic in the running average
     bn_eps: float = 1e-5
     batch: int = 100
 

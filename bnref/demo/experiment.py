@@ -36,8 +36,8 @@ class Settings:
     cnn_steps: int = 150
     port_steps: int = 100
     mnist_samples: int = 4000
-    mlp_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.05, batch=100))
-    cnn_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.1, batch=64))
+    mlp_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.0625, batch=100))
+    cnn_hyper: Hyper = field(default_factory=lambda: Hyper(lr=0.125, batch=64))
 
     @classmethod
     def quick(cls, dtype: str = "float32") -> Settings:
@@ -198,8 +198,8 @@ def _port(runs: Runs, ds: datasets.Dataset, settings: Settings, progress: bool) 
 def _port_runs(trained: dict[str, np.ndarray], ds: datasets.Dataset, settings: Settings,
                progress: bool):
     """(e): the torch-trained MLP (built-in BN, state ``trained``) moved to Keras twice and
-    trained on: once with torch's momentum number copied as it is (0.1, which Keras reads as
-    the OLD value's weight), once through ``bnref.convert`` (which translates it to 0.9).
+    trained on: once with torch's momentum number copied as it is (0.125, which Keras reads as
+    the OLD value's weight), once through ``bnref.convert`` (which translates it to 0.875).
     Returns (momenta, convert's notes, the running variances it starts from, the runs)."""
     import torch
 
