@@ -257,6 +257,7 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
 SYNC_RUNNERS = {
     "torch": ("bnref.testing._sync_torch:run_torch_sync", False),
     "jax": ("bnref.testing._sync_jax:run_jax_sync", True),
+    "tf": ("bnref.testing._sync_tf:run_tf_sync", False),
 }
 
 

@@ -98,6 +98,8 @@ class Synced:
 @st.composite
 def _sizes(draw, length: int, k: int, empty: bool) -> tuple[int, ...]:
     """k sizes summing to ``length``: uneven, zeros allowed only with ``empty``."""
+    if k == 1:
+        return (length,)
     if not empty:
         cuts = sorted(draw(st.lists(st.integers(1, length - 1), min_size=k - 1,
                                     max_size=k - 1, unique=True), label="cuts"))
@@ -134,7 +136,7 @@ def sync_cases(draw, *, ks: tuple[int, ...] = (1, 2, 3, 4), dtypes: tuple[str, .
         dy = None if dy is None else np.take(dy, np.arange(x.shape[split]), axis=split)
         return SyncCase(case, (x.shape[split] // k,) * k, dy)
     if not empty and length < k:  # not enough rows for k non-empty shards: fewer workers
-        k = max(1, length)
+        k = max(1, length)  # (the returned SyncCase's k says how many)
     sizes = draw(_sizes(length, k, empty), label="sizes")
     return SyncCase(case, sizes, dy)
 

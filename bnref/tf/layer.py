@@ -9,6 +9,7 @@ built-in's name reads and writes the built-in's files; its default layer names
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -23,12 +24,9 @@ from bnref._checks import (
     check_renorm_clipping,
 )
 from bnref.conventions import DEFAULT, Convention
-from bnref.tf.functional import batch_moments, batch_norm
+from bnref.tf.functional import batch_moments, batch_norm, compute_dtype
 
 __all__ = ["BatchNorm", "BatchNormalization"]
-
-SYNCHRONIZED_ERROR = ("synchronized batch norm: not yet implemented in bnref.tf; see the "
-                      "synchronized-BN issue")
 
 
 def _clone(initializer: Any) -> Any:
@@ -41,6 +39,88 @@ def _clone(initializer: Any) -> Any:
 
 def _read(variable: Any) -> tf.Tensor | None:
     return None if variable is None else tf.convert_to_tensor(variable)
+
+
+def _view(tensor: tf.Tensor, axis: int) -> tf.Tensor:
+    """``tensor`` viewed as ``(before, C, after)``, the channel axis in the middle: the
+    reductions of bnref.tf.functional, whose numerics the synchronized path keeps."""
+    dims = tensor.shape.as_list()
+    if None in dims:  # sizes known only at run time
+        shape = tf.shape(tensor)
+        view = tf.stack([tf.reduce_prod(shape[:axis]), shape[axis],
+                         tf.reduce_prod(shape[axis + 1:])])
+    else:
+        view = [math.prod(dims[:axis]), dims[axis], math.prod(dims[axis + 1:])]
+    return tf.reshape(tensor, view)
+
+
+def _synchronized_moments(
+    x: tf.Tensor, axis: int, selected: tf.Tensor | None, replica: tf.distribute.ReplicaContext,
+    convention: Convention,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Per-channel ``(mean, var, n)`` of every replica's ``x`` together (the compute dtype,
+    ``(C,)``), two-pass across the replicas::
+
+        n    = sum_r n_r,  mean = sum_r sum(m x_r) / n          all-reduce 1: (n_r, sum(m x_r))
+        var  = sum_r sum(m (x_r - mean)²) / n                    all-reduce 2
+
+    ``m`` the mask's flags (1 everywhere without one; a channel with nothing flagged gets 0
+    and 0, as :func:`batch_moments` gives it). Every replica must call this the same number
+    of times, in the same order: it blocks until all have.
+    """
+    dtype = compute_dtype(x.dtype)
+    wide = _view(tf.cast(x, dtype), axis)
+    flags = None if selected is None else _view(selected, axis)
+    zeros = tf.zeros_like(wide)
+    if flags is None:
+        view = tf.shape(wide)
+        local_count = tf.fill(view[1:2], tf.cast(view[0] * view[2], dtype))
+        local_sum = tf.reduce_sum(wide, [0, 2])
+    else:
+        # where, not a product with m: an unselected inf or NaN must not reach the sums.
+        local_count = tf.reduce_sum(tf.cast(flags, dtype), [0, 2])
+        local_sum = tf.reduce_sum(tf.where(flags, wide, zeros), [0, 2])
+    # One tensor per all-reduce: collectives must be issued in the same order everywhere.
+    count, total = tf.unstack(replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                 tf.stack([local_count, local_sum])))
+    if flags is None:
+        _check_count(count, convention, replica.num_replicas_in_sync)
+    mean = tf.math.divide_no_nan(total, count)
+    centered = wide - tf.expand_dims(mean, 1)
+    if flags is not None:
+        centered = tf.where(flags, centered, zeros)
+    m2 = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                            tf.reduce_sum(centered * centered, [0, 2]))
+    return mean, tf.math.divide_no_nan(m2, count), count
+
+
+def _check_count(count: tf.Tensor, convention: Convention, replicas: int) -> None:
+    """The whole batch must have a value per channel, more than one where the torch
+    convention's unbiased running variance divides by ``n - 1``; one replica's share may be
+    empty. Known only once every replica's size is, so checked at run time."""
+    if convention.single_value_error:
+        tf.debugging.assert_greater(
+            count, tf.ones_like(count),
+            message=f"Expected more than 1 value per channel when training, got fewer in the "
+                    f"{replicas} replicas' batches together (synchronized batch norm)")
+    else:
+        tf.debugging.assert_positive(
+            count, message=f"x must hold at least one value per channel, got none in the "
+                           f"{replicas} replicas' batches together (synchronized batch norm)")
+
+
+def _normalize(x: tf.Tensor, axis: int, mean: tf.Tensor, var: tf.Tensor,
+               gamma: tf.Tensor | None, beta: tf.Tensor | None, eps: float) -> tf.Tensor:
+    """``(x - mean) * gamma / sqrt(var + eps) + beta`` in ``mean``'s dtype, returned in
+    ``x``'s, as bnref.tf.functional computes it (any batch size, none included)."""
+    dtype = mean.dtype
+    scale = tf.math.rsqrt(var + tf.constant(eps, dtype))
+    if gamma is not None:
+        scale = scale * tf.cast(gamma, dtype)
+    y = (_view(tf.cast(x, dtype), axis) - tf.expand_dims(mean, 1)) * tf.expand_dims(scale, 1)
+    if beta is not None:
+        y = y + tf.expand_dims(tf.cast(beta, dtype), 1)
+    return tf.cast(tf.reshape(y, tf.shape(x)), x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="bnref", name="BatchNorm")
@@ -77,10 +157,25 @@ class BatchNormalization(keras.layers.Layer):
     epsilon)``, ``v`` the convention's running-variance estimate), and ``moving_variance =
     max(moving_stddev² - epsilon, 0)``. Inference is unchanged.
 
-    ``synchronized=True`` is accepted and kept in the config; computing batch statistics with
-    it in a replica context of more than one replica (``tf.distribute``) raises
-    ``NotImplementedError`` instead of using per-replica statistics. With one replica it is
-    the unsynchronized layer, which is then exact.
+    ``synchronized=True``: in training, inside ``strategy.run`` of a ``tf.distribute``
+    strategy with more than one replica (``MirroredStrategy``, ``MultiWorkerMirroredStrategy``),
+    the statistics are those of every replica's batch together, by two all-reduces (SUM) of
+    the replica context::
+
+        n    = sum_r n_r                       n_r: replica r's values per channel (or flags)
+        mean = sum_r sum(x_r) / n              (all-reduce 1: n_r and sum(x_r))
+        var  = sum_r sum((x_r - mean)²) / n    (all-reduce 2: squared deviations from the
+                                               global mean: stable, never E[x²] - E[x]²)
+
+    Each replica normalizes its own batch with them, and every replica moves its copy of the
+    moving statistics by the same global ``mean``, ``var`` and ``n`` (the torch convention's
+    unbiased variance is ``var * n / (n - 1)``), so the copies stay bit for bit equal. The
+    gradient flows through the all-reduces: each replica's input gradient is its rows of the
+    whole batch's, and its ``gamma``/``beta`` gradients are its own part, which the strategy
+    sums. Replicas' batches may differ in size, and some may be empty, as long as the whole
+    batch has a value per channel (more than one under the torch convention). Outside a
+    strategy, with one replica, in a cross-replica context or in inference, it is exactly the
+    unsynchronized layer.
 
     Three additions, which the built-in lacks: ``momentum=None`` is PyTorch's cumulative
     average (it adds a last, non-trainable ``num_batches_tracked`` weight);
@@ -208,16 +303,23 @@ class BatchNormalization(keras.layers.Layer):
             return batch_norm(x, gamma, beta, _read(self.moving_mean),
                               _read(self.moving_variance), training=False, eps=self.epsilon,
                               axis=self.axis, convention=self.convention)[0]
-        self._refuse_per_replica_statistics()
-        if selected is None and not self.renorm:
+        replica = self._replicas_to_synchronize()
+        if replica is None and selected is None and not self.renorm:
             return self._train(x, gamma, beta)
-        mean, var, count = batch_moments(x, axis=self.axis, mask=selected)
+        if replica is None:
+            mean, var, count = batch_moments(x, axis=self.axis, mask=selected)
+        else:
+            mean, var, count = _synchronized_moments(x, self.axis % x.shape.rank, selected,
+                                                     replica, self.convention)
         if self.renorm:
             gamma, beta = self._renorm_scale_and_offset(mean, var, gamma, beta)
-        # batch_norm's inference form is "normalize with these statistics"; they depend on x
-        # here, so the gradient is training-mode batch norm's (with r, d held constant).
-        y = batch_norm(x, gamma, beta, mean, var, training=False, eps=self.epsilon,
-                       axis=self.axis, convention=self.convention)[0]
+        # Normalizing with statistics that depend on x (through the all-reduces too) gives
+        # training-mode batch norm's gradient (with renorm's r, d held constant).
+        if replica is None:
+            y = batch_norm(x, gamma, beta, mean, var, training=False, eps=self.epsilon,
+                           axis=self.axis, convention=self.convention)[0]
+        else:  # batch_norm refuses an empty batch, which a replica's share may be
+            y = _normalize(x, self.axis % x.shape.rank, mean, var, gamma, beta, self.epsilon)
         if not self.track_running_stats:
             return y
         # A channel of at most one selected value has variance exactly 0: any finite
@@ -236,16 +338,16 @@ class BatchNormalization(keras.layers.Layer):
         check_mask(tuple(mask.shape), tuple(x.shape))
         return tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.bool), -1), tf.shape(x))
 
-    def _refuse_per_replica_statistics(self) -> None:
-        """Keras's ``synchronized=True`` all-reduces the batch statistics across replicas;
-        bnref.tf does not yet, and must not quietly use each replica's own."""
+    def _replicas_to_synchronize(self) -> tf.distribute.ReplicaContext | None:
+        """The replica context whose replicas share the batch statistics, or None: not
+        synchronized, outside ``strategy.run`` (no replica context, or the default one of a
+        single replica), or a strategy of one replica."""
         if not self.synchronized:
-            return
+            return None
         replica = tf.distribute.get_replica_context()  # None in a cross-replica context
-        if replica is not None and replica.num_replicas_in_sync > 1:
-            raise NotImplementedError(
-                f"{SYNCHRONIZED_ERROR} (called in a replica context of "
-                f"{replica.num_replicas_in_sync} replicas)")
+        if replica is None or replica.num_replicas_in_sync == 1:
+            return None
+        return replica
 
     def _train(self, x: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | None) -> tf.Tensor:
         """Training without a mask or renorm: one call of the compiled batch_norm."""
