@@ -258,6 +258,7 @@ SYNC_RUNNERS = {
     "torch": ("bnref.testing._sync_torch:run_torch_sync", False),
     "jax": ("bnref.testing._sync_jax:run_jax_sync", True),
     "tf": ("bnref.testing._sync_tf:run_tf_sync", False),
+    "mxnet": ("bnref.testing._sync_mxnet:run_mxnet_sync", False),
 }
 
 

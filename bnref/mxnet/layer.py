@@ -228,21 +228,28 @@ class BatchNorm(gluon.HybridBlock):
     def forward(self, x, *args):
         if isinstance(x, nd.NDArray):  # imperative, or the top of a hybridized graph
             self._data_dtype = np.dtype(x.dtype).name
-            check_batch_norm_args(
-                x, None, None, None, None, training=bool(autograd.is_training()),
-                momentum=0.0 if self.momentum is None else self.momentum, eps=self.epsilon,
-                axis=self.axis, convention=self.convention, inspect=_inspect,
-                array_type=ARRAY_TYPE)
+            self._check_input(x, bool(autograd.is_training()))
         return super().forward(x, *args)
+
+    def _check_input(self, x: nd.NDArray, training: bool) -> None:
+        check_batch_norm_args(
+            x, None, None, None, None, training=training,
+            momentum=0.0 if self.momentum is None else self.momentum, eps=self.epsilon,
+            axis=self.axis, convention=self.convention, inspect=_inspect,
+            array_type=ARRAY_TYPE)
+
+    def _custom_attrs(self, aux: int) -> dict[str, str]:
+        """The custom operator's type and attributes (strings, as MXNet passes them)."""
+        return {"op_type": _OP, "convention": self.convention.name,
+                "momentum": str(self.momentum), "eps": repr(self.epsilon),
+                "use_batch": str(not self.use_global_stats), "use_gamma": str(self.scale),
+                "use_beta": str(self.center), "aux": str(aux)}
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean=None, running_var=None,
                        num_batches_tracked=None):
         dtype = "float64" if self._data_dtype == "float64" else "float32"
         x3 = to_view(F, x if dtype == self._data_dtype else F.cast(x, dtype), self.axis)
         aux = [a for a in (running_mean, running_var, num_batches_tracked) if a is not None]
-        y3 = F.Custom(x3, gamma, beta, *aux, op_type=_OP, convention=self.convention.name,
-                      momentum=str(self.momentum), eps=repr(self.epsilon),
-                      use_batch=str(not self.use_global_stats), use_gamma=str(self.scale),
-                      use_beta=str(self.center), aux=str(len(aux)))
+        y3 = F.Custom(x3, gamma, beta, *aux, **self._custom_attrs(len(aux)))
         y = y3.reshape(x.shape) if isinstance(x, nd.NDArray) else F.reshape_like(y3, x)
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
