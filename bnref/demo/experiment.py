@@ -263,13 +263,26 @@ def agreement(results: dict[str, RunResult]) -> dict[str, Any]:
     return {"frameworks": pairs, "bnref_vs_builtin": builtin}
 
 
+def _drift(records: list[list[list[float]]], start: list[list[float]]) -> list[float]:
+    """Per record, the mean over BN layers and channels of |running_var - start| / start:
+    how far the running variances have moved from the ported ones."""
+    base = np.concatenate([np.asarray(layer, np.float64) for layer in start])
+    return [float(np.mean(np.abs(np.concatenate([np.asarray(layer) for layer in record]) - base)
+                          / base)) for record in records]
+
+
 def metrics(runs: Runs) -> dict[str, Any]:
     """Everything measured, as plain JSON data."""
     return {"settings": runs.settings.as_dict(),
             "sgd": SGD_FORMS,
-            "runs": {key: result.as_dict() for key, result in runs.results.items()},
+            # The main runs' running variances (every channel, every record) are only used by
+            # the port plot, whose runs keep them: dropped here, they were most of the file.
+            "runs": {key: {**result.as_dict(), "running_var": []}
+                     for key, result in runs.results.items()},
             "agreement": agreement(runs.results),
             "port": {"momentum": runs.port_momentum, "notes": runs.port_notes,
-                     "start_running_var": runs.port_start_running_var,
-                     "runs": {key: result.as_dict() for key, result in runs.port.items()}},
+                     "runs": {key: {**result.as_dict(), "running_var": [],
+                                    "running_var_drift": _drift(result.running_var,
+                                                                runs.port_start_running_var)}
+                              for key, result in runs.port.items()}},
             "seconds": runs.seconds}

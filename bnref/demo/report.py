@@ -180,17 +180,6 @@ def _frameworks(plt, runs, backends, models, dtype):
     return fig
 
 
-def _drift(run: dict[str, Any], start: Any = None) -> np.ndarray:
-    """Mean over BN layers and channels of |running_var(t) - start| / start, where start is
-    the value loaded into Keras when the metrics carry it (``port["start_running_var"]``,
-    [bn][channel]), else the first record's (after step 0's update)."""
-    var = [np.concatenate([np.asarray(layer, np.float64) for layer in record])
-           for record in run["running_var"]]
-    base = (np.concatenate([np.asarray(layer, np.float64) for layer in start])
-            if start is not None else var[0])
-    return np.array([np.mean(np.abs(v - base) / base) for v in var])
-
-
 def _ported(plt, port):
     """(e) A torch-trained MLP (built-in BN) moved to Keras and trained on: with torch's
     momentum number copied unchanged ("ported naively") and through ``bnref.convert``; test
@@ -202,14 +191,13 @@ def _ported(plt, port):
         label = labels.get(name, name) + (f" (Keras momentum {momentum:g})"
                                           if momentum is not None else "")
         axes[0].plot(run["eval_steps"], run["test_accuracy"], "o-", color=color, label=label)
-        if run["running_var"] and run["running_var"][0]:
-            axes[1].plot(run["record_steps"], _drift(run, port.get("start_running_var")),
-                         color=color, label=label)
+        if run.get("running_var_drift"):
+            axes[1].plot(run["record_steps"], run["running_var_drift"], color=color,
+                         label=label)
     axes[0].set(title="Keras, after the port: test accuracy", xlabel="step of further training",
                 ylabel="test accuracy")
-    start = "ported" if port.get("start_running_var") is not None else "0"
     axes[1].set(title="BN running variance: drift", xlabel="step of further training",
-                ylabel=f"mean |var(t) - var({start})| / var({start})")
+                ylabel="mean |var(t) - var(ported)| / var(ported)")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
