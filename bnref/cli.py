@@ -241,7 +241,9 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
                 tasks.append(Task(f"{label} {builtin_name}", dtype,
                                   drawn(strategy(restrictions)), check(builtin)))
     if registered and name in SYNC_RUNNERS and wanted("float32"):
-        tasks.append(_sync_task(name, backend, count))
+        # A handful of cases: the row shows the engine synchronizes; the property tests
+        # (tests/test_*_sync.py) run the volume.
+        tasks.append(_sync_task(name, backend, min(count, SYNC_CASES)))
     mistakes = [m for m in checks.MISTAKES if m.applies_to(backend) is None]
     tasks.append(Task("bad input", "-", lambda: mistakes,
                       lambda mistake: checks.check_mistake(backend, mistake)))
@@ -251,6 +253,7 @@ def _tasks(name: str, backend, examples: int, dtypes: Sequence[str] | None,
     return tasks
 
 
+SYNC_CASES = 5
 # Each backend's synchronized run: "module:function" taking a list of SyncCases (k = 2) and
 # returning one Synced per case from a real multi-process or multi-device unit; and whether
 # its engine needs equal shards.
