@@ -78,7 +78,12 @@ def test_diagnose_finds_nothing_in_the_correct_one(capsys, framework):
 def test_the_suite_catches_the_planted_bug(framework, bug):
     """Among the forward property's ``ci`` examples (drawn exactly as Hypothesis draws them
     derandomized) one fails; run by Hypothesis, the property fails with the diagnosis and a
-    snippet that reproduces the failure with the user's function."""
+    snippet that reproduces the failure with the user's function.
+
+    The run uses the ``stress`` budget: it stops at the first failure, and a bug that only
+    some draws show (a one-pass variance needs a large offset in float32: 6 of the 100 ``ci``
+    draws for MXNet's) is not left to whether the property's own derandomized 100 include
+    one (for MXNet's they stopped doing so with an unchanged suite)."""
     path, convention = implementation(framework, bug)
     backend = function_backend(path, framework=framework, convention=convention)
     cases = cli.draw_examples(cases_for(backend), 100)
@@ -86,7 +91,7 @@ def test_the_suite_catches_the_planted_bug(framework, bug):
                   if not all(r.passed for r in suite.check_forward(backend, case))), None)
     assert first is not None, f"none of the {len(cases)} ci examples caught {bug}"
     # Unshrunk: the proof is that it fails; shrinking a numeric failure costs up to 30 s.
-    with using_profile("ci", shrink=False), pytest.raises(AssertionError) as failure:
+    with using_profile("stress", shrink=False), pytest.raises(AssertionError) as failure:
         suite.test_forward_matches_oracle(backend=backend)
     text = str(failure.value)
     assert "diagnosis: " in text and "reproduce with:" in text, text[-2000:]
@@ -203,7 +208,7 @@ def test_compare_with_a_builtin_in_one_line(framework):
     buggy, _ = implementation(framework, "momentum-other-term")
     wrong = function_backend(buggy, framework=framework, convention=convention,
                              compare_with=(builtin,))
-    with using_profile("ci", shrink=False), pytest.raises(AssertionError) as failure:
+    with using_profile("stress", shrink=False), pytest.raises(AssertionError) as failure:
         suite.test_agrees_with_named_builtins(backend=wrong)
     assert f"vs {builtin}" in str(failure.value)
 

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODELS", "SGD_FORMS", "Hyper", "Job", "RunResult", "initial_weights", "layer_names"]
+__all__ = ["MODELS", "SGD_FORMS", "Hyper", "Job", "RunResult", "from_out_in", "initial_weights",
+           "layer_names", "to_out_in"]
 
 MODELS = {
     "mlp": {"data": "mnist1d", "widths": (40, 100, 100, 100, 100, 100, 100, 10)},
@@ -152,6 +153,21 @@ class RunResult:
         out = dataclasses.asdict(self)
         out.pop("final")
         return out
+
+
+def to_out_in(name: str, value: np.ndarray) -> np.ndarray:
+    """A canonical array in PyTorch's and Gluon's layout: dense kernels (out, in), convolution
+    kernels (out, in, kh, kw); everything else as it is."""
+    if name.endswith("/kernel"):
+        return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+    return value
+
+
+def from_out_in(name: str, value: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_out_in`."""
+    if name.endswith("/kernel"):
+        return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+    return value
 
 
 def layer_names(model: str, bn: bool) -> list[str]:

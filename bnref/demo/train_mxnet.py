@@ -26,7 +26,7 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
-from bnref.demo.core import MODELS, Job, RunResult
+from bnref.demo.core import MODELS, Job, RunResult, from_out_in, to_out_in
 
 __all__ = ["train"]
 
@@ -87,18 +87,6 @@ class _Net(gluon.HybridBlock):
         return [layer.weight for layer in self.layers] + [self.head.weight]
 
 
-def _to_mxnet_layout(name: str, value: np.ndarray) -> np.ndarray:
-    if name.endswith("/kernel"):  # Dense (out, in), Conv2D (out, in, kh, kw): torch's
-        return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-    return value
-
-
-def _from_mxnet_layout(name: str, value: np.ndarray) -> np.ndarray:
-    if name.endswith("/kernel"):
-        return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    return value
-
-
 def _parameters(net: _Net) -> dict[str, gluon.Parameter]:
     """Canonical name -> the parameter that holds it."""
     out: dict[str, gluon.Parameter] = {}
@@ -120,13 +108,13 @@ def build(job: Job) -> _Net:
     net.initialize(ctx=mx.cpu())
     net.cast(job.dtype)
     for name, param in _parameters(net).items():
-        param.set_data(nd.array(_to_mxnet_layout(name, job.weights[name]), dtype=job.dtype))
+        param.set_data(nd.array(to_out_in(name, job.weights[name]), dtype=job.dtype))
     net.hybridize(static_alloc=True)
     return net
 
 
 def state(net: _Net) -> dict[str, np.ndarray]:
-    return {name: _from_mxnet_layout(name, p.data().asnumpy().astype(np.float64))
+    return {name: from_out_in(name, p.data().asnumpy().astype(np.float64))
             for name, p in _parameters(net).items()}
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnref.demo.core import MODELS, Job, RunResult
+from bnref.demo.core import MODELS, Job, RunResult, from_out_in, to_out_in
 
 __all__ = ["train"]
 
@@ -66,18 +66,6 @@ class _Net(nn.Module):
         return [layer.weight for layer in self.layers] + [self.head.weight]
 
 
-def _to_torch_layout(name: str, value: np.ndarray) -> np.ndarray:
-    if name.endswith("/kernel"):
-        return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-    return value
-
-
-def _from_torch_layout(name: str, value: np.ndarray) -> np.ndarray:
-    if name.endswith("/kernel"):
-        return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    return value
-
-
 def _parameters(net: _Net) -> dict[str, torch.Tensor]:
     """Canonical name -> the tensor that holds it."""
     out: dict[str, torch.Tensor] = {}
@@ -99,12 +87,12 @@ def build(job: Job) -> _Net:
     net = _Net(job).to(dtype)
     with torch.no_grad():
         for name, tensor in _parameters(net).items():
-            tensor.copy_(torch.from_numpy(_to_torch_layout(name, job.weights[name])))
+            tensor.copy_(torch.from_numpy(to_out_in(name, job.weights[name])))
     return net
 
 
 def state(net: _Net) -> dict[str, np.ndarray]:
-    return {name: _from_torch_layout(name, t.detach().double().numpy())
+    return {name: from_out_in(name, t.detach().double().numpy())
             for name, t in _parameters(net).items()}
 
 
