@@ -13,6 +13,8 @@ and analytic backward are the functions of :mod:`bnref.mxnet.functional`, writte
 from __future__ import annotations
 
 import atexit
+import os
+import warnings
 from typing import Any
 
 import mxnet as mx
@@ -45,6 +47,45 @@ def _drain_before_mxnet_shuts_down() -> None:
     # MXNet 1.9.1's shutdown can hang while custom-operator work is still queued (measured:
     # about 1 exit in 10 without this).
     nd.waitall()
+
+
+def _onednn_active() -> bool:
+    return (mx.runtime.Features().is_enabled("MKLDNN")
+            and os.environ.get("MXNET_MKLDNN_ENABLED", "1") != "0")
+
+
+def hybridization_hazards(flags: dict[str, Any], block: str = "BatchNorm") -> list[str]:
+    """What MXNet 1.9.1 gets wrong for a Python custom operator -- bnref's layers run in one,
+    as any ``mx.operator.CustomOp`` does -- inside a graph hybridized with ``flags``.
+
+    Measured with a custom operator that only doubles its input, in Conv2D -> op -> ReLU ->
+    GlobalAvgPool2D -> Dense, 20 training steps against the same net run imperatively:
+
+    - with oneDNN on (the pip build's default), ``hybridize()`` and
+      ``hybridize(static_alloc=True)`` handed the operator's backward garbage output
+      gradients or dropped its input gradients in 13-19 of 20 steps (0 of 20 with
+      ``MXNET_MKLDNN_ENABLED=0``, and 0 of 20 with ``static_shape=True`` too);
+    - with ``static_shape=True``, MXNet's static executor overwrote the running statistics
+      the operator had just written whenever the operator ran late (a 0.2 s delay in its
+      forward lost every update; oneDNN on or off).
+
+    Imperative use (no ``hybridize``) is unaffected.
+    """
+    hazards = []
+    if flags.get("static_shape"):
+        hazards.append(
+            f"bnref.mxnet.{block} in a graph hybridized with static_shape=True: MXNet 1.9.1's "
+            "static executor can overwrite the running statistics a custom operator has "
+            "just written (measured when the operator runs late); hybridize without "
+            "static_shape, or call the block imperatively")
+    elif _onednn_active():
+        hazards.append(
+            f"bnref.mxnet.{block} in a hybridized graph with oneDNN on: MXNet 1.9.1 can hand "
+            "a Python custom operator's backward wrong output gradients when oneDNN "
+            "operators such as pooling follow it (measured with a trivial custom operator "
+            "before GlobalAvgPool2D: 13-19 of 20 steps wrong). Set MXNET_MKLDNN_ENABLED=0 "
+            "before MXNet starts, or call the block imperatively")
+    return hazards
 
 
 class _BatchNormOp(mx.operator.CustomOp):
@@ -212,6 +253,15 @@ class BatchNorm(gluon.HybridBlock):
                     self.num_batches_tracked = self.params.get(
                         "num_batches_tracked", grad_req="null", shape=(1,), init="zeros",
                         differentiable=False)
+
+    def hybridize(self, active: bool = True, **kwargs: Any) -> None:
+        """Gluon's ``hybridize`` (a hybridized parent calls it with its own flags), with a
+        warning where MXNet 1.9.1 runs Python custom operators wrongly (see
+        :func:`hybridization_hazards`)."""
+        if active:
+            for hazard in hybridization_hazards(kwargs, type(self).__name__):
+                warnings.warn(hazard, RuntimeWarning, stacklevel=2)
+        super().hybridize(active, **kwargs)
 
     def cast(self, dtype: Any) -> None:
         # As the built-in: float16 data keeps float32 parameters and statistics.
