@@ -44,3 +44,33 @@ def medians(reference: Callable[[], object], candidate: Callable[[], object], re
         ref_times += [_seconds(reference) for _ in range(repeats)]
         cand_times += [_seconds(candidate) for _ in range(repeats)]
     return statistics.median(ref_times), statistics.median(cand_times)
+
+
+# A training forward reads x twice (statistics, then normalisation) and writes y: 3 array
+# passes. Forward+backward with saved statistics adds the backward's 5: read dy and x for the
+# two per-channel sums, read them again and write dx.
+PASSES = {"forward": 3, "forward+backward": 8}
+
+
+class MemoryFloor:
+    """The time the memory traffic alone takes for an array of ``nbytes``, at the bandwidth
+    ``np.copyto`` reaches on the same bytes in this run (a copy is 2 passes: one read, one
+    write). ``floor(kind) = PASSES[kind] / 2 * t_copy``; :meth:`ratio` is a time over it."""
+
+    def __init__(self, nbytes: int, repeats: int = 9) -> None:
+        import numpy as np
+
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+
+        def copy() -> None:
+            np.copyto(dst, src)
+
+        copy()
+        self.copy_seconds = statistics.median(_seconds(copy) for _ in range(5 * repeats))
+
+    def floor(self, kind: str) -> float:
+        return PASSES[kind] / 2 * self.copy_seconds
+
+    def ratio(self, seconds: float, kind: str) -> float:
+        return seconds / self.floor(kind)
