@@ -2,19 +2,23 @@
 
 Training, per channel over every axis but the channel axis (``n`` values each)::
 
-    m1    = sum(x) / n                          (float32 for float16/bfloat16/float32 input)
-    c     = x - m1                              (exact where x is near m1: Sterbenz)
-    delta = sum(c) / n                          (the first pass's rounding error: the mean
-    var   = sum(c²) / n - delta²                 is m1 + delta; corrected two-pass, biased)
-    y     = c * scale + (beta - delta * scale)  scale = gamma / sqrt(var + eps)
+    p     = the channel's first value               (a pilot from the batch itself)
+    d     = x - p                                   (exact where x is near p: Sterbenz)
+    delta = sum(d) / n                              (the mean is p + delta)
+    var   = sum(d²) / n - delta²                    (shifted one-pass, biased)
+    y     = d * scale + (beta - delta * scale)      scale = gamma / sqrt(var + eps)
     running <- convention.update_running(running, batch statistic)
 
-Inference uses the running statistics. float16/bfloat16 inputs are computed in float32, float64
-in float64. The corrected mean makes a constant channel give ``y == beta`` exactly (``c`` is
-then exactly 0) and keeps the backward accurate when ``|mean|`` is far larger than the spread
-(the built-in's error grows with ``|mean| / sigma``; the correction keeps it near the rounding
-of the data itself). An empty ``x`` (a zero batch or spatial size) gives an empty ``y`` and
-leaves the running statistics as they were, as ``torch.nn.BatchNorm2d`` does.
+computed in float32 for float16/bfloat16/float32 input. The subtraction in ``var`` is of two
+terms of the size of the spread (``p`` is a value of the channel), never of the mean's size as
+in E[x²]−E[x]². float64 is computed in float64. Inference uses the running statistics.
+A constant channel gives ``d == 0``, so ``var == 0`` and ``y == beta`` exactly,
+and the backward stays accurate when ``|mean|`` is far larger than the spread (the built-in's
+error grows with ``|mean| / sigma``; working on ``x - p`` keeps it near the rounding of the
+data itself). Each pass walks x in cache-sized chunks (see the kernels' notes): the forward
+reads x twice and writes y, the backward reads x and dy twice and writes dx, in x's memory
+format (``channels_last`` included). An empty ``x`` (a zero batch or spatial size) gives an
+empty ``y`` and leaves the running statistics as they were, as ``torch.nn.BatchNorm2d`` does.
 
 The training path is a ``torch.autograd.Function`` with the analytic backward, a forward-mode
 rule (``jvp``: ``torch.func.jvp``, ``torch.autograd.forward_ad``) and a generated vmap rule
@@ -56,52 +60,196 @@ def _per_channel(vector: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return vector.view(shape)
 
 
-def _affine(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-            out: torch.Tensor) -> torch.Tensor:
-    """out = t * scale + shift with per-channel scale/shift, in the fastest form for the layout.
+# -- the training kernels: few passes over memory, chunk by chunk -----------------------------
+#
+# A training forward must read x twice (statistics, then normalisation) and write y; the
+# backward reads x and dy for two sums, then both again to write dx. The kernels below keep to
+# those passes over main memory: they walk the (before, C, after) view of x in chunks of
+# ~2 MiB along ``before``, and every temporary of a chunk (x - pilot, a product) stays in
+# cache. Per-channel sums are BLAS matrix-vector products with a vector of ones, which run at
+# memory speed on every layout (torch's multi-axis ``sum`` does not on NCHW).
 
-    With the channels innermost one ``addcmul`` pass is fastest; with channels outside the
-    innermost axis (NCHW) torch's three-operand broadcast is slow on CPU, and a multiply then
-    an add (both in place) is faster, measured in benchmarks/bench_torch.py.
-    """
-    if shift is None:
-        return torch.mul(t, scale, out=out)
-    if scale.shape[-1] != 1 or t.ndim == 1:  # channels on the innermost axis
-        return torch.addcmul(shift, t, scale, out=out)
-    return torch.mul(t, scale, out=out).add_(shift)
+_CHUNK_BYTES = 1 << 21
 
 
-def _sum_of_squares(c: torch.Tensor, axis: int, dims: tuple[int, ...]) -> torch.Tensor:
-    """Per-channel sum(c²).
-
-    Contiguous with the channels outside the innermost axis (NCHW): a 2-norm over the innermost
-    block of a (before, C, after) view, then a sum over ``before``; it reads ``c`` once with no
-    full-size temporary (8 ms against 69 ms for square-then-sum on (64, 64, 56, 56)) and is as
-    accurate. (A norm over several axes at once accumulates sequentially: 3e-6 relative error
-    at 64 * 16 * 16 values, against 1e-7 this way.) Otherwise square-then-sum.
-    """
-    after = math.prod(c.shape[axis + 1:])
-    if after > 1 and c.is_contiguous():
-        view = c.view(math.prod(c.shape[:axis]), c.shape[axis], after)
-        return torch.linalg.vector_norm(view, dim=2).square().sum(0)
-    return torch.mul(c, c).sum(dims)
+def rows_view(t: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """``t`` as a ``(before, C, after)`` view sharing its memory: ``t`` contiguous (channels
+    outside the innermost axis, e.g. NCHW), or contiguous with the channel axis moved last
+    (``channels_last``, or channels innermost), as ``(before, C, 1)``. ``None`` otherwise."""
+    channels = t.shape[axis]
+    if t.is_contiguous():
+        return t.view(math.prod(t.shape[:axis]), channels, math.prod(t.shape[axis + 1:]))
+    moved = t.movedim(axis, -1)
+    if moved.is_contiguous():
+        return moved.view(-1, channels, 1)
+    return None
 
 
-def _centered_moments(wide: torch.Tensor, dims: tuple[int, ...], axis: int):
-    """(c, m1, delta, var): ``c = x - m1`` in a fresh buffer, mean ``m1 + delta``, var biased.
+def _chunks(view: torch.Tensor) -> list[slice]:
+    before, channels, after = view.shape
+    if torch.compiler.is_compiling():  # one chunk: the compiler fuses the passes itself
+        return [slice(0, before)]
+    step = max(1, _CHUNK_BYTES // max(1, channels * after * view.element_size()))
+    return [slice(start, min(start + step, before)) for start in range(0, before, step)]
 
-    The corrected two-pass algorithm: ``delta = mean(x - m1)`` is the first pass's rounding
-    error, and ``var = mean(c²) - delta²`` subtracts a term that is tiny against the spread,
-    so nothing cancels (this is not E[x²]−E[x]², whose subtraction is of two terms of size
-    ``mean²``). On a constant channel ``c`` is n copies of one small multiple of ulp(m1):
-    its sum and its sum of squares are exact, so ``delta`` is that value and ``var`` exactly 0.
-    """
-    n = wide.numel() // wide.shape[axis]
-    m1 = wide.mean(dims)
-    c = torch.sub(wide, _per_channel(m1, wide.ndim, axis))
-    delta = c.sum(dims) / n
-    var = (_sum_of_squares(c, axis, dims) / n - delta * delta).clamp_min(0)
-    return c, m1, delta, var
+
+def _scratch(view: torch.Tensor, chunks: list[slice], dtype: torch.dtype) -> torch.Tensor:
+    """A buffer for the largest chunk, the first (``scratch[:k]`` serves a shorter one)."""
+    _, channels, after = view.shape
+    return torch.empty(chunks[0].stop, channels, after, dtype=dtype, device=view.device)
+
+
+class _Summer:
+    """Per-channel sums of ``(k, C, after)`` chunks as matrix-vector products with ones."""
+
+    def __init__(self, view: torch.Tensor, dtype: torch.dtype) -> None:
+        after = view.shape[2]
+        length = after if after > 1 else _chunks(view)[0].stop
+        self.ones = torch.ones(length, dtype=dtype, device=view.device)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        k, channels, after = chunk.shape
+        if after > 1:  # (k * C, after) @ ones, then the k partial sums
+            return torch.mv(chunk.view(k * channels, after), self.ones).view(k, channels).sum(0)
+        return torch.mv(chunk.view(k, channels).t(), self.ones[:k])
+
+
+def _pilot_sums(x3: torch.Tensor, dtype: torch.dtype):
+    """(pilot, sum(d), sum(d²)) per channel with ``d = x - pilot``, in one pass over x.
+
+    The pilot is the mean of the first chunk (taken about the channel's first value, so a
+    constant channel's pilot is that value exactly and its ``d`` is 0): a value from the
+    batch itself, within ``sigma / sqrt(chunk count)`` of the mean. Then the variance
+    ``(sum(d²) - sum(d)² / n) / n`` subtracts a term far smaller than the spread, as the
+    corrected two-pass algorithm does. (E[x²] - E[x]², the same formula about 0, subtracts
+    terms of the mean's size and loses everything at a large mean.)"""
+    summer = _Summer(x3, dtype)
+    chunks = _chunks(x3)
+    scratch = _scratch(x3, chunks, dtype)
+    first = x3[chunks[0]]
+    start = first[0, :, 0].to(dtype).view(1, -1, 1)
+    d = torch.sub(first.to(dtype), start, out=scratch[:len(first)])
+    pilot = start + (summer(d) / (first.shape[0] * first.shape[2])).view(1, -1, 1)
+    sum_d = torch.zeros(x3.shape[1], dtype=dtype, device=x3.device)
+    sum_d2 = torch.zeros_like(sum_d)
+    for rows in chunks:
+        chunk = x3[rows]
+        d = torch.sub(chunk.to(dtype), pilot, out=scratch[:len(chunk)])
+        sum_d += summer(d)
+        sum_d2 += summer(d.mul_(d))
+    return pilot.view(-1), sum_d, sum_d2
+
+
+def pilot_moments(x: torch.Tensor, axis: int):
+    """(pilot, delta, var): the batch mean is ``pilot + delta``, ``var`` the biased variance,
+    both in the compute dtype, from one pass over ``x`` (see :func:`_pilot_sums`)."""
+    dtype = compute_dtype(x.dtype)
+    x3 = _rows_of(x, axis)
+    n = x3.shape[0] * x3.shape[2]
+    pilot, sum_d, sum_d2 = _pilot_sums(x3, dtype)
+    delta = sum_d / n
+    var = (sum_d2 / n - delta * delta).clamp_min(0)
+    return pilot, delta, var
+
+
+def _rows_of(t: torch.Tensor, axis: int) -> torch.Tensor:
+    view = rows_view(t, axis)
+    return view if view is not None else rows_view(t.contiguous(), axis)
+
+
+def _output_like(x: torch.Tensor, x3: torch.Tensor, axis: int):
+    """(out, its rows view) for a result shaped like ``x``: in ``x``'s memory format
+    (``channels_last`` stays ``channels_last``, as the built-in keeps it), laid out as
+    ``x3``."""
+    out = torch.empty_like(x)
+    out3 = rows_view(out, axis)
+    if out3 is None or out3.stride() != x3.stride():  # a layout the views do not cover
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out3 = rows_view(out, axis)
+    return out, out3
+
+
+def _per_channel3(vector: torch.Tensor) -> torch.Tensor:
+    return vector.view(1, -1, 1)
+
+
+def normalized(x: torch.Tensor, pilot: torch.Tensor, delta: torch.Tensor,
+               scale: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+    """``y = (x - pilot) * scale + (shift - delta * scale)`` per channel (``x - mean`` scaled,
+    plus ``shift``), in ``x``'s dtype and memory format, computed in the dtype of ``scale``:
+    ``x - pilot`` is exact near the pilot, and ``delta`` is small against the spread."""
+    dtype = scale.dtype
+    x3 = _rows_of(x, axis)
+    y, y3 = _output_like(x, x3, axis)
+    shift = shift - delta * scale
+    pilot, scale, shift = (_per_channel3(v) for v in (pilot, scale, shift))
+    chunks = _chunks(x3)
+    scratch = _scratch(x3, chunks, dtype)
+    for rows in chunks:
+        chunk = x3[rows]
+        d = torch.sub(chunk.to(dtype), pilot, out=scratch[:len(chunk)])
+        if dtype == y.dtype:
+            torch.addcmul(shift, d, scale, out=y3[rows])
+        else:  # float16/bfloat16: computed in float32, rounded once
+            y3[rows] = d.mul_(scale).add_(shift)
+    return y
+
+
+def gradient_sums(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
+                  delta: torch.Tensor, axis: int):
+    """(sum(dy), sum(dy * (x - mean))) per channel with ``mean = pilot + delta``, in the
+    compute dtype, in one pass over ``x`` and ``dy``: the two sums the input gradient needs
+    (summed over every worker when synchronized)."""
+    dtype = pilot.dtype
+    x3 = _rows_of(x, axis)
+    dy3 = _rows_like(dy, x3, axis)
+    summer = _Summer(x3, dtype)
+    sum_dy = torch.zeros(x3.shape[1], dtype=dtype, device=x.device)
+    sum_dyd = torch.zeros_like(sum_dy)
+    pilot3 = _per_channel3(pilot)
+    chunks = _chunks(x3)
+    scratch = _scratch(x3, chunks, dtype)
+    for rows in chunks:
+        chunk, dy_chunk = x3[rows], dy3[rows].to(dtype)
+        sum_dy += summer(dy_chunk)
+        d = torch.sub(chunk.to(dtype), pilot3, out=scratch[:len(chunk)])
+        sum_dyd += summer(d.mul_(dy_chunk))
+    return sum_dy, sum_dyd - delta * sum_dy
+
+
+def _rows_like(t: torch.Tensor, x3: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t``'s rows view laid out as ``x3`` (``t`` copied into that layout if it differs)."""
+    t3 = rows_view(t, axis)
+    if t3 is not None and t3.stride() == x3.stride():
+        return t3
+    copy = x3.new_empty(x3.shape, dtype=t.dtype)
+    if x3.shape[2] == 1 and x3.shape[1] != 1:  # channels last: (before, C) rows
+        copy.view(t.movedim(axis, -1).shape).copy_(t.movedim(axis, -1))
+    else:
+        copy.view(t.shape).copy_(t)
+    return copy
+
+
+def input_gradient(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
+                   gamma: torch.Tensor | None, invstd: torch.Tensor, delta: torch.Tensor,
+                   sum_dy: torch.Tensor, dot: torch.Tensor, n: int, axis: int) -> torch.Tensor:
+    """``dx = a * dy + b * (x - pilot) + (k - b * delta)`` per channel from the two sums over
+    ``n`` values (see :func:`_analytic_backward`), in ``x``'s dtype and memory format."""
+    dtype = pilot.dtype
+    a = invstd if gamma is None else invstd * gamma
+    b = -a * invstd * invstd * dot / n
+    k = -a * sum_dy / n - b * delta
+    x3 = _rows_of(x, axis)
+    dy3 = _rows_like(dy, x3, axis)
+    dx, dx3 = _output_like(x, x3, axis)
+    a, b, k, pilot3 = (_per_channel3(v) for v in (a, b, k, pilot))
+    chunks = _chunks(x3)
+    scratch = _scratch(x3, chunks, dtype)
+    for rows in chunks:
+        chunk = x3[rows]
+        d = torch.sub(chunk.to(dtype), pilot3, out=scratch[:len(chunk)])
+        dx3[rows] = torch.addcmul(k, d, b, out=d).addcmul_(dy3[rows].to(dtype), a)
+    return dx
 
 
 def _wide(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -118,44 +266,25 @@ def _is_transformed(t: torch.Tensor) -> bool:
     return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
 
 
-def _analytic_backward(dy, x, gamma, m1, delta, invstd, dims, axis):
+def _analytic_backward(dy, x, gamma, pilot, delta, invstd, axis):
     """dx, dgamma, dbeta of y = gamma * (x - mean) * invstd + beta, batch statistics.
 
-    With c = x - mean (mean = m1 + delta), xhat = c * invstd::
+    With c = x - mean (mean = pilot + delta), xhat = c * invstd::
 
         dbeta  = sum(dy)
         dgamma = sum(dy * c) * invstd
         dx     = gamma * invstd * (dy - dbeta / n - xhat * dgamma / n)
-               = a * dy + b * (x - m1) + (k - b * delta)   a, b, k per channel
+               = a * dy + b * (x - pilot) + (k - b * delta)   a, b, k per channel
 
-    ``x - m1`` is exact near the mean, and ``delta`` is tiny, so nothing cancels when
-    ``|mean| >> sigma`` (``sum(dy * x) - mean * sum(dy)`` would lose ``u * |mean| / sigma``).
+    ``x - pilot`` is exact near the pilot, and ``delta`` is small against the spread, so
+    nothing cancels when ``|mean| >> sigma`` (``sum(dy * x) - mean * sum(dy)`` would lose
+    ``u * |mean| / sigma``). Two passes over ``x`` and ``dy`` (:func:`gradient_sums`, then
+    :func:`input_gradient`).
     """
     n = x.numel() // x.shape[axis]
-    centered, work, sum_dy, dot = gradient_sums(dy, x, m1, delta, dims, axis)
-    dx = input_gradient(dy, centered, work, gamma, invstd, delta, sum_dy, dot, n, axis)
+    sum_dy, dot = gradient_sums(dy, x, pilot, delta, axis)
+    dx = input_gradient(dy, x, pilot, gamma, invstd, delta, sum_dy, dot, n, axis)
     return dx, dot * invstd, sum_dy
-
-
-def gradient_sums(dy, x, m1, delta, dims, axis):
-    """(x - m1, a scratch buffer, sum(dy), sum(dy * (x - mean))) with mean = m1 + delta: the
-    two per-channel sums the input gradient needs (summed over every worker when
-    synchronized)."""
-    centered = torch.sub(x, _per_channel(m1, x.ndim, axis))  # x's memory format
-    sum_dy = dy.sum(dims)
-    work = torch.mul(centered, dy, out=torch.empty_like(centered))
-    return centered, work, sum_dy, work.sum(dims) - delta * sum_dy
-
-
-def input_gradient(dy, centered, work, gamma, invstd, delta, sum_dy, dot, n, axis):
-    """dx = a * dy + b * (x - m1) + (k - b * delta) from the sums over ``n`` values, written
-    into ``work`` (see :func:`_analytic_backward`)."""
-    ndim = dy.ndim
-    a = invstd if gamma is None else invstd * gamma
-    b = -a * invstd * invstd * dot / n
-    k = -a * sum_dy / n - b * delta
-    dx = _affine(centered, _per_channel(b, ndim, axis), _per_channel(k, ndim, axis), out=work)
-    return dx.addcmul_(dy, _per_channel(a, ndim, axis))
 
 
 def _standardized(wide: torch.Tensor, eps: float, dims: tuple[int, ...], axis: int):
@@ -186,46 +315,44 @@ class _BatchStatistics(torch.autograd.Function):
     """Normalisation with batch statistics; returns (y, mean, biased var).
 
     ``mean``/``var`` are returned for the running statistics and are not differentiable;
-    ``m1``, ``delta``, ``invstd`` are what the backward needs.
+    ``pilot``, ``delta``, ``invstd`` are what the backward needs.
     """
 
     @staticmethod
     def forward(x, gamma, beta, eps: float, dims: tuple[int, ...], axis: int):
-        dtype = compute_dtype(x.dtype)
-        c, m1, delta, var = _centered_moments(x.to(dtype), dims, axis)
+        pilot, delta, var = pilot_moments(x, axis)
+        dtype = pilot.dtype
         invstd = torch.rsqrt(var + eps)
         scale = invstd if gamma is None else invstd * gamma.to(dtype)
-        # y = (c - delta) * scale + beta in one pass over c: shift = beta - delta * scale. A
-        # channel with no spread (var exactly 0: every c equals delta) is beta exactly, so
-        # its scale is 0 there rather than a rounding of delta * scale - delta * scale.
+        # A channel with no spread (var exactly 0: every x equals the pilot) is beta exactly,
+        # so its scale is 0 there rather than a rounding of delta * scale - delta * scale.
         scale = torch.where(var > 0, scale, torch.zeros_like(scale))
-        shift = -delta * scale if beta is None else beta.to(dtype) - delta * scale
-        y = _affine(c, _per_channel(scale, x.ndim, axis), _per_channel(shift, x.ndim, axis),
-                    out=c)  # in place
-        return y.to(x.dtype), m1 + delta, var, m1, delta, invstd
+        shift = torch.zeros_like(scale) if beta is None else beta.to(dtype)
+        y = normalized(x, pilot, delta, scale, shift, axis)
+        return y, pilot + delta, var, pilot, delta, invstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, gamma, beta, eps, dims, axis = inputs
-        _, _, _, m1, delta, invstd = output
-        ctx.save_for_backward(x, gamma, m1, delta, invstd)
-        ctx.save_for_forward(x, gamma, m1, delta, invstd)
+        _, _, _, pilot, delta, invstd = output
+        ctx.save_for_backward(x, gamma, pilot, delta, invstd)
+        ctx.save_for_forward(x, gamma, pilot, delta, invstd)
         ctx.eps, ctx.dims, ctx.axis = eps, dims, axis
         ctx.has_beta = beta is not None
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, dy, *_unused):
-        x, gamma, m1, delta, invstd = ctx.saved_tensors
+        x, gamma, pilot, delta, invstd = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
         if torch.is_grad_enabled() or _is_transformed(dy):
             # create_graph=True, or a torch.func transform over the backward (batched
             # gradients, jacrev): out-of-place differentiable operations.
             return _differentiable_backward(ctx, dy, x, gamma)
-        dx, dgamma, dbeta = _analytic_backward(dy.to(dtype), x.to(dtype), _wide(gamma, dtype),
-                                               m1, delta, invstd, ctx.dims, ctx.axis)
+        dx, dgamma, dbeta = _analytic_backward(dy, x, _wide(gamma, dtype), pilot, delta,
+                                               invstd, ctx.axis)
         return (
-            dx.to(x.dtype),
+            dx,
             None if gamma is None else dgamma.to(gamma.dtype),
             dbeta.to(gamma.dtype if gamma is not None else dtype) if ctx.has_beta else None,
             None, None, None,
@@ -246,11 +373,11 @@ class _Transformable(_BatchStatistics):
         dmean = mean(dx); dvar = 2 mean(c * dx); dinvstd = -invstd³ dvar / 2;
         dy = gamma * (invstd * (dx - dmean) + c * dinvstd) + dgamma * xhat + dbeta.
         """
-        x, gamma, m1, delta, invstd = ctx.saved_tensors
+        x, gamma, pilot, delta, invstd = ctx.saved_tensors
         dims, axis, ndim = ctx.dims, ctx.axis, x.ndim
         dtype = compute_dtype(x.dtype)
         n = x.numel() // x.shape[axis]
-        c = x.to(dtype) - _per_channel(m1, ndim, axis) - _per_channel(delta, ndim, axis)
+        c = x.to(dtype) - _per_channel(pilot, ndim, axis) - _per_channel(delta, ndim, axis)
         xhat = c * _per_channel(invstd, ndim, axis)
         dy = torch.zeros_like(xhat)
         dmean = dvar = torch.zeros_like(invstd)

@@ -36,13 +36,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnref._checks import relaxed_convention
 from bnref.conventions import DEFAULT, Convention
 from bnref.torch.functional import (
-    _affine,
-    _centered_moments,
     _check,
-    _per_channel,
     compute_dtype,
     gradient_sums,
     input_gradient,
+    normalized,
+    pilot_moments,
 )
 from bnref.torch.layer import BatchNorm
 
@@ -83,13 +82,12 @@ class _SyncBatchStatistics(torch.autograd.Function):
         channels = x.shape[axis]
         local_count = x.numel() // channels if channels else 0
         if local_count:
-            c, m1, delta, var = _centered_moments(x.to(dtype), dims, axis)
-            m1_wide = m1.double()
-            local = torch.cat([m1_wide.new_full((1,), float(local_count)),
-                               m1_wide + delta.double(), var.double() * local_count])
+            pilot, delta, var = pilot_moments(x, axis)
+            pilot_wide = pilot.double()
+            local = torch.cat([pilot_wide.new_full((1,), float(local_count)),
+                               pilot_wide + delta.double(), var.double() * local_count])
         else:  # an empty shard: no values, but it takes part in the collectives
-            c = None
-            m1 = torch.zeros(channels, dtype=dtype, device=x.device)
+            pilot = torch.zeros(channels, dtype=dtype, device=x.device)
             local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=x.device)
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
@@ -106,27 +104,24 @@ class _SyncBatchStatistics(torch.autograd.Function):
         ctx.dims, ctx.axis, ctx.group, ctx.total = dims, axis, group, total
         ctx.has_beta = beta is not None
         if total == 0:  # no value anywhere: an empty y, statistics unchanged
-            ctx.save_for_backward(x, gamma, m1, m1, m1)
+            ctx.save_for_backward(x, gamma, pilot, pilot, pilot)
             empty = torch.empty(0, dtype=dtype, device=x.device)
             count = torch.tensor(0)
             ctx.mark_non_differentiable(empty, count)
             return x.new_empty(x.shape), empty, empty, count
         var = m2 / total
-        shift_mean = (mean - m1.double()).to(dtype)  # global mean = m1 + shift_mean
+        shift_mean = (mean - pilot.double()).to(dtype)  # global mean = pilot + shift_mean
         var_c = var.to(dtype)
         invstd = torch.rsqrt(var_c + eps)
-        ctx.save_for_backward(x, gamma, m1, shift_mean, invstd)
-        if c is None:
+        ctx.save_for_backward(x, gamma, pilot, shift_mean, invstd)
+        if not local_count:
             y = x.new_empty(x.shape)
         else:
             scale = invstd if gamma is None else invstd * gamma.to(dtype)
             # A channel with no spread anywhere is beta exactly (as the unsynchronized layer).
             scale = torch.where(var_c > 0, scale, torch.zeros_like(scale))
-            shift = -shift_mean * scale
-            if beta is not None:
-                shift = beta.to(dtype) + shift
-            y = _affine(c, _per_channel(scale, x.ndim, axis), _per_channel(shift, x.ndim, axis),
-                        out=c).to(x.dtype)
+            shift = torch.zeros_like(scale) if beta is None else beta.to(dtype)
+            y = normalized(x, pilot, shift_mean, scale, shift, axis)
         mean_c, count = mean.to(dtype), torch.tensor(total)
         ctx.mark_non_differentiable(mean_c, var_c, count)
         return y, mean_c, var_c, count
@@ -137,22 +132,21 @@ class _SyncBatchStatistics(torch.autograd.Function):
             raise RuntimeError(
                 "bnref.torch.SyncBatchNorm has no second derivative (create_graph=True): "
                 "its backward is a collective, as torch.nn.SyncBatchNorm's")
-        x, gamma, m1, shift_mean, invstd = ctx.saved_tensors
+        x, gamma, pilot, shift_mean, invstd = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
         channels = x.shape[ctx.axis]
         total = ctx.total
         if x.numel() and total:
-            centered, work, sum_dy, dot = gradient_sums(dy.to(dtype), x.to(dtype), m1,
-                                                        shift_mean, ctx.dims, ctx.axis)
+            sum_dy, dot = gradient_sums(dy, x, pilot, shift_mean, ctx.axis)
         else:
             sum_dy = dot = torch.zeros(channels, dtype=dtype, device=x.device)
         sums = torch.cat([sum_dy, dot]).double()
         dist.all_reduce(sums, group=ctx.group)  # every rank: the collective needs them all
         if x.numel() and total:
             wide_gamma = None if gamma is None else gamma.to(dtype)
-            dx = input_gradient(dy.to(dtype), centered, work, wide_gamma, invstd, shift_mean,
+            dx = input_gradient(dy, x, pilot, wide_gamma, invstd, shift_mean,
                                 sums[:channels].to(dtype), sums[channels:].to(dtype), total,
-                                ctx.axis).to(x.dtype)
+                                ctx.axis)
             dgamma = dot * invstd
         else:
             dx = torch.zeros_like(x)
