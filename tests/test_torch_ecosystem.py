@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from bnref.testing.fixtures import backend_or_skip
-from bnref.testing.tolerances import UNIT_ROUNDOFF, assert_close, gradient_tolerances
+from bnref.testing.tolerances import (
+    UNIT_ROUNDOFF,
+    assert_close,
+    forward_tolerance,
+    gradient_tolerances,
+)
 
 backend_or_skip("torch")  # skips this module without torch, fails it when torch is required
 import torch  # noqa: E402
@@ -324,6 +329,38 @@ def test_channels_last_input_gets_a_channels_last_gradient(dims):
     assert theirs.is_contiguous(memory_format=memory_format)
     assert ours.is_contiguous(memory_format=memory_format)
     assert_close(ours.numpy(), theirs.numpy(), 1e-5, "dx")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_gives_the_contiguous_result_in_its_own_format(dims):
+    """bnref's kernels walk each layout in its own order (channels innermost for
+    channels_last): every combination of x's and dy's layouts gives y and dx within the
+    derived float32 bounds of the float64 result, in x's memory format, as the built-in
+    keeps it."""
+    memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+    shape = (6, 5) + (7,) * dims
+    x, dy = batch(*shape, seed=31) * 3 + 50, batch(*shape, seed=32)
+    exact = BUILTIN[dims](5).double()
+    x64 = x.double().requires_grad_()
+    y64 = exact(x64)
+    y64.backward(dy.double())
+    stats = x64.detach().numpy().astype(np.float64)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    y_bound = forward_tolerance(x.numpy(), 1, gamma=None, beta=None, eps=EPS,
+                                mean=stats.mean(axes), var=stats.var(axes), batch_stats=True)
+    dx_bound = gradient_tolerances(x.numpy(), dy.numpy(), 1, gamma=None, eps=EPS,
+                                   param_dtype="float32")[0]
+    for x_format, dy_format in ((torch.contiguous_format, torch.contiguous_format),
+                                (memory_format, memory_format),
+                                (memory_format, torch.contiguous_format),
+                                (torch.contiguous_format, memory_format)):
+        xi = x.clone(memory_format=x_format).requires_grad_()
+        y = OURS[dims](5)(xi)
+        y.backward(dy.clone(memory_format=dy_format))
+        assert y.is_contiguous(memory_format=x_format)
+        assert xi.grad.is_contiguous(memory_format=x_format)
+        assert_close(y.detach().numpy(), y64.detach().numpy(), y_bound, "y")
+        assert_close(xi.grad.numpy(), x64.grad.numpy(), dx_bound, "dx")
 
 
 # --- accuracy: never less accurate than the built-in being checked --------------------------
