@@ -244,11 +244,16 @@ def input_gradient(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
     dx, dx3 = _output_like(x, x3, axis)
     a, b, k, pilot3 = (_per_channel3(v) for v in (a, b, k, pilot))
     chunks = _chunks(x3)
-    scratch = _scratch(x3, chunks, dtype)
+    # Straight into dx when it has the compute dtype (its chunk stays in cache between the
+    # three operations); through a scratch chunk for float16/bfloat16.
+    scratch = None if dx.dtype == dtype else _scratch(x3, chunks, dtype)
     for rows in chunks:
         chunk = x3[rows]
-        d = torch.sub(chunk.to(dtype), pilot3, out=scratch[:len(chunk)])
-        dx3[rows] = torch.addcmul(k, d, b, out=d).addcmul_(dy3[rows].to(dtype), a)
+        work = dx3[rows] if scratch is None else scratch[:len(chunk)]
+        d = torch.sub(chunk.to(dtype), pilot3, out=work)
+        d = torch.addcmul(k, d, b, out=d).addcmul_(dy3[rows].to(dtype), a)
+        if scratch is not None:
+            dx3[rows] = d
     return dx
 
 
