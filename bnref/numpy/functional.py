@@ -41,6 +41,7 @@ ARRAY_TYPE = "numpy.ndarray"
 _BLOCK_BYTES = 1 << 20  # a block of work stays in cache between the passes over it
 _MAX_RUN = 1 << 14  # the most values of one channel a block sums in one loop
 _ROW_RUN = 8  # without an inner axis, the rows einsum squares and sums before float64 does
+_INNER_RUN = 64  # with one, the inner values einsum squares and sums before float64 does
 
 
 def _inspect(value: Any) -> tuple[tuple[int, ...], str] | None:
@@ -108,23 +109,30 @@ def _channel_sums(block: np.ndarray, other: np.ndarray | None = None,
 
 def _sum_of_squares(block: np.ndarray) -> np.ndarray:
     """Per-channel sum of ``block²`` over its rows and inner axis, in float64, accurate to
-    about a rounding of each square (``block`` may be overwritten).
+    about a rounding of each square (``block`` is left as it was).
 
     Long float32 runs would lose ~u * sqrt(run) (10u for a row of 16384 values, where
-    PyTorch's cascade sums lose u). With an inner axis the squares are summed in float64
-    (einsum casts them in buffers). Without one, einsum's fused multiply-add loop sums runs
-    of _ROW_RUN rows and the runs' sums are added in float64: their errors (~u * sqrt(8)
-    relative each) average out, and it is ~2x faster than casting the block.
+    PyTorch's cascade sums lose u); casting every square to float64 is ~5x slower. So
+    einsum's fused multiply-add loop sums runs of _ROW_RUN values in float32 (error ~u *
+    sqrt(8) relative each, averaging out) and the runs' sums are added in float64.
     """
     rows, channels, inner = block.shape
-    if inner > 1:
-        np.multiply(block, block, out=block)
-        return _channel_sums(block, dtype=np.float64)
-    flat = block.reshape(rows, channels)
-    head = rows - rows % _ROW_RUN
-    runs = flat[:head].reshape(-1, _ROW_RUN, channels)
-    total = np.einsum("abc,abc->ac", runs, runs).sum(axis=0, dtype=np.float64)
-    return total + np.einsum("rc,rc->c", flat[head:], flat[head:])
+    if inner == 1:
+        flat = block.reshape(rows, channels)
+        head = rows - rows % _ROW_RUN
+        runs = flat[:head].reshape(-1, _ROW_RUN, channels)
+        total = np.einsum("abc,abc->ac", runs, runs).sum(axis=0, dtype=np.float64)
+        return total + np.einsum("rc,rc->c", flat[head:], flat[head:])
+    flat = np.ascontiguousarray(block).reshape(rows * channels, inner)
+    head = inner - inner % _INNER_RUN
+    runs = np.lib.stride_tricks.as_strided(
+        flat, (flat.shape[0], head // _INNER_RUN, _INNER_RUN),
+        (flat.strides[0], _INNER_RUN * flat.strides[1], flat.strides[1]), writeable=False)
+    per_row = np.einsum("rji,rji->rj", runs, runs).sum(axis=1, dtype=np.float64)
+    if head < inner:
+        tail = flat[:, head:]
+        per_row += np.einsum("ri,ri->r", tail, tail)
+    return per_row if rows == 1 else per_row.reshape(rows, channels).sum(axis=0)
 
 
 def _widened(block: np.ndarray, scratch: np.ndarray, dtype: np.dtype) -> np.ndarray:
