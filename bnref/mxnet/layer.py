@@ -28,12 +28,15 @@ from bnref.mxnet.functional import (
     Saved,
     _inspect,
     affine,
+    center,
     channel_dots,
     channel_sums,
     inference_forward,
+    running_weights,
     to_view,
     train_backward,
     train_forward,
+    update_running_into,
 )
 
 __all__ = ["BatchNorm"]
@@ -91,7 +94,12 @@ def hybridization_hazards(flags: dict[str, Any], block: str = "BatchNorm") -> li
 class _BatchNormOp(mx.operator.CustomOp):
     """The layer's math on the ``(before, C, after)`` view. Training (``is_train``, not
     ``use_global_stats``): batch statistics, and the running statistics (auxiliary states)
-    move. Otherwise: the running statistics. Backward is analytic in both modes."""
+    move. Otherwise: the running statistics. Backward is analytic in both modes.
+
+    With the property's ``axis`` set, the operator takes ``x`` (and gives ``y`` and ``dx``) in
+    its own shape and views it here, outside any recording: a reshape recorded around the
+    operator would copy the whole gradient in backward, once on each side. Without it (the
+    subclasses' operators) its input is the view already."""
 
     def __init__(self, prop: _BatchNormProp) -> None:
         super().__init__()
@@ -99,16 +107,22 @@ class _BatchNormOp(mx.operator.CustomOp):
         self.saved: Saved | None = None
         self.inference: tuple[nd.NDArray, nd.NDArray] | None = None
 
+    def _view(self, array: nd.NDArray) -> nd.NDArray:
+        axis = self.prop.axis
+        return array if axis is None else to_view(nd, array, axis)
+
     def forward(self, is_train, req, in_data, out_data, aux) -> None:
         p = self.prop
-        x3, gamma, beta = in_data
+        x3, gamma, beta = self._view(in_data[0]), in_data[1], in_data[2]
         gamma, beta = (gamma if p.use_gamma else None), (beta if p.use_beta else None)
+        # Written straight into the output (req is "write" for a forward).
+        y3 = self._view(out_data[0])
         if aux and not (is_train and p.use_batch):
-            # Written straight into the output (req is "write" for a forward).
-            _, rstd = inference_forward(x3, gamma, beta, aux[0], aux[1], p.eps, out_data[0])
+            _, rstd = inference_forward(x3, gamma, beta, aux[0], aux[1], p.eps, y3)
             self.saved, self.inference = None, (aux[0].copy(), rstd)
             return
-        _, mean, var, self.saved = train_forward(x3, gamma, beta, p.eps, out_data[0])
+        _, mean, var, self.saved = train_forward(x3, gamma, beta, p.eps, y3)
+        self.inference = None
         if aux and is_train:
             conv = p.conv
             estimate = conv.running_var_estimate(var, x3.shape[0] * x3.shape[2])
@@ -119,32 +133,42 @@ class _BatchNormOp(mx.operator.CustomOp):
                                              nd.broadcast_mul(weight, mean))
                 aux[1][:] = nd.broadcast_add(nd.broadcast_mul(1.0 - weight, aux[1]),
                                              nd.broadcast_mul(weight, estimate))
-            else:
-                # As an array: MXNet refuses subnormal scalars as operator parameters.
-                momentum = nd.array([p.momentum], dtype=mean.dtype)
-                aux[0][:] = conv.update_running(aux[0], mean, momentum)
-                aux[1][:] = conv.update_running(aux[1], estimate, momentum)
+            else:  # the convention's rule, with its weights made once
+                weights = running_weights(conv, p.momentum, mean.dtype, mean.context)
+                update_running_into(aux[0], mean, weights)
+                update_running_into(aux[1], estimate, weights)
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux) -> None:
-        dy3 = out_grad[0]
+        dy3 = self._view(out_grad[0])
+        # dx goes straight into in_grad when it is to be overwritten (it also holds
+        # dy * (x - mean) on the way); "add" and the rest go through assign.
+        direct = req[0] == "write"
+        dx_out = self._view(in_grad[0]) if direct else None
+        need_dx = req[0] != "null"
+        # Likewise the parameters' gradients.
+        grads = tuple(grad if request == "write" else None
+                      for grad, request in zip(in_grad[1:], req[1:], strict=True))
         if self.saved is not None:
-            dx, dgamma, dbeta = train_backward(dy3, self.saved)
+            dx, dgamma, dbeta = train_backward(dy3, self.saved, dx_out, need_dx, grads)
         else:  # inference: y = (x - mean) * gamma * rstd + beta, statistics constant
             mean, rstd = self.inference
-            gamma = in_data[1] if self.prop.use_gamma else nd.ones_like(rstd)
-            dbeta = channel_sums(dy3)
-            centered = affine(in_data[0], nd.ones_like(mean), -mean)
-            dgamma = channel_dots(dy3, centered) * rstd
-            dx = affine(dy3, gamma * rstd, None)
-        self.assign(in_grad[0], req[0], dx)
-        self.assign(in_grad[1], req[1], dgamma)
-        self.assign(in_grad[2], req[2], dbeta)
+            dbeta = channel_sums(dy3, out=grads[1])
+            dots = channel_dots(dy3, center(self._view(in_data[0]), mean), work=dx_out)
+            dgamma = nd.elemwise_mul(dots, rstd, out=grads[0])
+            scale = rstd * in_data[1] if self.prop.use_gamma else rstd
+            dx = affine(dy3, scale, None, dx_out) if need_dx else None
+        if need_dx and not direct:
+            self.assign(in_grad[0], req[0], dx.reshape(in_grad[0].shape))
+        for grad, request, value, written in zip(in_grad[1:], req[1:], (dgamma, dbeta), grads,
+                                                 strict=True):
+            if written is None:
+                self.assign(grad, request, value)
 
 
 @mx.operator.register(_OP)
 class _BatchNormProp(mx.operator.CustomOpProp):
     def __init__(self, convention: str, momentum: str, eps: str, use_batch: str,
-                 use_gamma: str, use_beta: str, aux: str) -> None:
+                 use_gamma: str, use_beta: str, aux: str, axis: str = "None") -> None:
         super().__init__(need_top_grad=True)
         self.conv = get_convention(convention)
         self.momentum = None if momentum == "None" else float(momentum)
@@ -152,6 +176,8 @@ class _BatchNormProp(mx.operator.CustomOpProp):
         self.use_batch, self.use_gamma = use_batch == "True", use_gamma == "True"
         self.use_beta = use_beta == "True"
         self.aux = int(aux)  # 0: no running statistics; 2; 3: with the batch counter
+        # The channel axis of x as given; None: x is the (before, C, after) view already.
+        self.axis = None if axis == "None" else int(axis)
 
     def list_arguments(self) -> list[str]:
         return ["data", "gamma", "beta"]
@@ -163,7 +189,7 @@ class _BatchNormProp(mx.operator.CustomOpProp):
         return ["running_mean", "running_var", "num_batches_tracked"][:self.aux]
 
     def infer_shape(self, in_shape):
-        channels = [in_shape[0][1]]
+        channels = [in_shape[0][1 if self.axis is None else self.axis]]
         aux = [channels, channels, [1]][:self.aux]
         return [in_shape[0], channels, channels], [in_shape[0]], aux
 
@@ -298,8 +324,12 @@ class BatchNorm(gluon.HybridBlock):
     def hybrid_forward(self, F, x, gamma, beta, running_mean=None, running_var=None,
                        num_batches_tracked=None):
         dtype = "float64" if self._data_dtype == "float64" else "float32"
-        x3 = to_view(F, x if dtype == self._data_dtype else F.cast(x, dtype), self.axis)
+        wide = x if dtype == self._data_dtype else F.cast(x, dtype)
         aux = [a for a in (running_mean, running_var, num_batches_tracked) if a is not None]
-        y3 = F.Custom(x3, gamma, beta, *aux, **self._custom_attrs(len(aux)))
-        y = y3.reshape(x.shape) if isinstance(x, nd.NDArray) else F.reshape_like(y3, x)
+        attrs = self._custom_attrs(len(aux))
+        if attrs["op_type"] == _OP:  # bnref's operator takes x as it is (no recorded reshape)
+            y = F.Custom(wide, gamma, beta, *aux, axis=str(self.axis), **attrs)
+        else:  # a subclass's operator takes the (before, C, after) view
+            y3 = F.Custom(to_view(F, wide, self.axis), gamma, beta, *aux, **attrs)
+            y = y3.reshape(x.shape) if isinstance(x, nd.NDArray) else F.reshape_like(y3, x)
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
