@@ -3,10 +3,10 @@
     python benchmarks/bench_jax.py [--repeats 9]
 
 float32, training mode, NHWC (64, 56, 56, 64) and (4096, 1024), ``block_until_ready`` on
-every result. Flax runs with its defaults (``use_fast_variance=True``, the one-pass variance
-bnref refuses to use) and, for reference, with ``use_fast_variance=False``. Forward returns
-the output and the new batch statistics; forward+backward takes the gradient of
-``sum(y * dy)`` with respect to the input and both parameters. Times are medians over
+every result. Flax runs with its defaults (``use_fast_variance=True``: E[x²]−E[x]², the
+one-pass variance bnref refuses to use) and, for reference, with ``use_fast_variance=False``.
+Forward returns the output and the new batch statistics; forward+backward takes the gradient
+of ``sum(y * dy)`` with respect to the input and both parameters. Times are medians over
 alternating rounds (see ``_timing.py``).
 """
 

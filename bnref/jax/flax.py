@@ -8,7 +8,7 @@
   named for the API it mirrors, so that both fit in one module next to the linen one; use
   ``from bnref.jax.flax import NNXBatchNorm as BatchNorm`` for a swap in nnx code.
 
-Training, per channel over every axis but ``axis`` (``bnref.jax.batch_norm``, two-pass)::
+Training, per channel over every axis but ``axis`` (``bnref.jax.batch_norm``)::
 
     y    = scale * (x - mean_B) / sqrt(var_B + epsilon) + bias     (biased var_B)
     mean <- m * mean + (1 - m) * mean_B,   var <- m * var + (1 - m) * var_B
@@ -31,9 +31,9 @@ named axis of ``jax.vmap``/``jax.pmap``/``jax.shard_map``, as Flax's do, but wit
 variance of the union (``bnref.jax.batch_norm``: psum of the sums, then of the squared
 deviations from the global mean), and groups work under ``vmap`` and ``shard_map`` as well.
 
-Accepted but not Flax's: ``use_fast_variance`` is ignored (bnref's variance is always
-two-pass, never E[x²]−E[x]², which is Flax's default and loses every digit at large
-offsets). Not supported: ``mask=`` raises ``NotImplementedError``; ``axis`` is one int, not a
+Accepted but not Flax's: ``use_fast_variance`` is ignored (bnref's variance is always as
+accurate as a two-pass, never E[x²]−E[x]², which is Flax's default and loses every digit at
+large offsets). Not supported: ``mask=`` raises ``NotImplementedError``; ``axis`` is one int, not a
 tuple of feature axes.
 
 The only module of ``bnref.jax`` that imports flax: ``import bnref.jax.flax`` opts in.
@@ -136,7 +136,7 @@ class BatchNorm(nn.Module):
     The fields are linen's, with ``convention`` added; ``momentum``, ``epsilon`` and ``axis``
     default to the convention's (resolved at construction, so ``BatchNorm().momentum`` is
     0.99). ``use_running_average`` may be given here or at call time (not both), as in linen.
-    ``use_fast_variance`` is accepted and ignored: the variance is always two-pass.
+    ``use_fast_variance`` is accepted and ignored: the variance is never E[x²]−E[x]².
     ``force_float32_reductions=False`` gives ``batch_stats`` Flax's dtypes (created in
     ``param_dtype``, updated in the input's dtype); the statistics are still reduced in at
     least float32 (bnref's contract for float16 and bfloat16).
