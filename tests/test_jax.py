@@ -272,3 +272,19 @@ def test_layer_refuses_what_jax_refuses_in_its_variables(refused):
     variables["batch_stats"]["var"] = make()[0]
     with pytest.raises(TypeError, match=re.escape(f"running_var {message}")):
         layer.apply(variables, jnp.ones((4, 3), jnp.float32), training=True)
+
+
+def test_training_is_reverse_mode_only_inference_is_both():
+    """The documented price of the analytic custom_vjp: forward mode raises in training,
+    reverse mode works; inference keeps both."""
+    x = jnp.asarray(np.random.default_rng(3).normal(2, 3, (16, 4)), jnp.float32)
+
+    def loss(x, training):
+        return jnp.sum(bj.batch_norm(x, None, None, jnp.zeros(4), jnp.ones(4),
+                                     training=training)[0] ** 3)
+
+    assert jnp.all(jnp.isfinite(jax.grad(loss)(x, True)))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: loss(x, True), (x,), (jnp.ones_like(x),))
+    _, tangent = jax.jvp(lambda x: loss(x, False), (x,), (jnp.ones_like(x),))
+    assert jnp.isfinite(tangent)
