@@ -230,6 +230,15 @@ def _rows_like(t: torch.Tensor, x3: torch.Tensor, axis: int) -> torch.Tensor:
     return copy
 
 
+def laid_out_like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dy`` in ``x``'s memory format: copied once here when the two differ, so that the
+    backward's two passes (:func:`gradient_sums`, :func:`input_gradient`) both read it as
+    they read ``x``."""
+    if dy.stride() == x.stride():
+        return dy
+    return torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+
+
 def input_gradient(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
                    gamma: torch.Tensor | None, invstd: torch.Tensor, delta: torch.Tensor,
                    sum_dy: torch.Tensor, dot: torch.Tensor, n: int, axis: int) -> torch.Tensor:
@@ -287,6 +296,7 @@ def _analytic_backward(dy, x, gamma, pilot, delta, invstd, axis):
     :func:`input_gradient`).
     """
     n = x.numel() // x.shape[axis]
+    dy = laid_out_like(dy, x)
     sum_dy, dot = gradient_sums(dy, x, pilot, delta, axis)
     dx = input_gradient(dy, x, pilot, gamma, invstd, delta, sum_dy, dot, n, axis)
     return dx, dot * invstd, sum_dy

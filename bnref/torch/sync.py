@@ -40,6 +40,7 @@ from bnref.torch.functional import (
     compute_dtype,
     gradient_sums,
     input_gradient,
+    laid_out_like,
     normalized,
     pilot_moments,
 )
@@ -137,6 +138,7 @@ class _SyncBatchStatistics(torch.autograd.Function):
         channels = x.shape[ctx.axis]
         total = ctx.total
         if x.numel() and total:
+            dy = laid_out_like(dy, x)
             sum_dy, dot = gradient_sums(dy, x, pilot, shift_mean, ctx.axis)
         else:
             sum_dy = dot = torch.zeros(channels, dtype=dtype, device=x.device)
