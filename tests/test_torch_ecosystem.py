@@ -18,6 +18,7 @@ from bnref.testing.tolerances import (
     assert_close,
     forward_tolerance,
     gradient_tolerances,
+    running_stat_tolerances,
 )
 
 backend_or_skip("torch")  # skips this module without torch, fails it when torch is required
@@ -433,3 +434,104 @@ def test_a_constant_channel_gives_exactly_beta(dtype, shape, convention):
                             torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype),
                             training=True, convention=convention)
     assert torch.equal(y, beta.view(1, -1, *([1] * (len(shape) - 2))).expand(shape))
+
+
+# --- the compiled kernels (large CPU inputs) --------------------------------------------------
+
+FUSED_CASES = [  # (shape, memory format, dtype): each is one compile of the four kernels
+    ((6, 5, 9, 9), torch.contiguous_format, torch.float32),
+    ((6, 5, 9, 9), torch.channels_last, torch.float32),
+    ((300, 5), torch.contiguous_format, torch.float32),
+    ((6, 5, 9, 9), torch.contiguous_format, torch.float64),
+    ((6, 5, 9, 9), torch.channels_last, torch.float16),
+]
+
+
+@pytest.fixture
+def fused_for_every_size(monkeypatch):
+    """Sends every CPU input through the compiled kernels (normally only inputs of at least
+    ``MIN_NUMEL`` elements) and records which kernels ran and that none fell back."""
+    from bnref.torch import _fused
+
+    ran = []
+    run = _fused.run
+
+    def recording(kernel, *args):
+        out = run(kernel, *args)
+        ran.append((kernel.__name__, out is not None))
+        return out
+
+    monkeypatch.setattr(_fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(_fused, "run", recording)
+    return ran
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+@pytest.mark.parametrize(("shape", "memory_format", "dtype"), FUSED_CASES,
+                         ids=lambda v: str(v).replace("torch.", "").replace(", ", "x"))
+def test_compiled_kernels_give_the_oracle_result_in_x_format(fused_for_every_size, shape,
+                                                              memory_format, dtype, offset):
+    """The fused (torch.compile) kernels are the same formulas as the eager ones: y, dx,
+    dgamma, dbeta and the running statistics within the derived bounds of the float64
+    numpy oracle, at offset 1e4 as well, in x's memory format."""
+    import bnref.numpy as bn
+
+    x = (batch(*shape, seed=41, dtype=torch.float64) * 3 + offset).to(dtype)
+    dy = batch(*shape, seed=42).to(dtype)
+    layer = bt.BatchNorm(shape[1]).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(batch(shape[1], seed=43) * 0.5 + 1)
+        layer.bias.copy_(batch(shape[1], seed=44))
+    xi = x.clone(memory_format=memory_format).requires_grad_()
+    y = layer(xi)
+    y.backward(dy)
+    assert sorted(fused_for_every_size) == sorted(
+        (name, True) for name in ("moments", "normalized", "gradient_sums", "input_gradient"))
+    assert y.is_contiguous(memory_format=memory_format)
+    assert xi.grad.is_contiguous(memory_format=memory_format)
+
+    x_np, dy_np = x.numpy(), dy.numpy()
+    gamma, beta = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    c = shape[1]
+    y64, mean64, var64 = bn.batch_norm(
+        x_np.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64),
+        np.zeros(c), np.ones(c), training=True, eps=EPS, momentum=0.1)
+    dx64, dgamma64, dbeta64 = bn.batch_norm_backward(
+        dy_np.astype(np.float64), x_np.astype(np.float64), gamma.astype(np.float64),
+        eps=EPS)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    stats = x_np.astype(np.float64)
+    y_bound = forward_tolerance(x_np, 1, gamma=gamma, beta=beta, eps=EPS,
+                                mean=stats.mean(axes), var=stats.var(axes), batch_stats=True)
+    dx_bound, dgamma_bound, dbeta_bound = gradient_tolerances(
+        x_np, dy_np, 1, gamma=gamma, eps=EPS, param_dtype=gamma.dtype.name)
+    assert_close(y.detach().numpy(), y64, y_bound, "y")
+    assert_close(xi.grad.numpy(), dx64, dx_bound, "dx")
+    assert_close(layer.weight.grad.numpy(), dgamma64, dgamma_bound, "dgamma")
+    assert_close(layer.bias.grad.numpy(), dbeta64, dbeta_bound, "dbeta")
+    mean_bound, var_bound = running_stat_tolerances(
+        x_np, 1, old_mean=np.zeros(c), old_var=np.ones(c), new_value_weight=0.1,
+        stat_dtype=layer.running_mean.dtype.__str__().removeprefix("torch."))
+    assert_close(layer.running_mean.numpy(), mean64, mean_bound, "running_mean")
+    assert_close(layer.running_var.numpy(), var64, var_bound, "running_var")
+
+
+def test_compiled_kernels_fall_back_to_eager_with_a_warning(monkeypatch):
+    """A machine where torch.compile cannot build (no C++ compiler) still trains: the
+    kernels say why once and the eager ones give the same result."""
+    from bnref.torch import _fused
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(_fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(_fused, "_compiled", {})
+    monkeypatch.setattr(_fused, "_enabled", True)
+    monkeypatch.setattr(_fused.torch, "compile", lambda fn, **_: broken)
+    x = batch(6, 5, 9, 9, seed=45)
+    with pytest.warns(RuntimeWarning, match="no working C\\+\\+ compiler"):
+        y = bt.BatchNorm(5)(x)
+    assert not _fused._enabled
+    monkeypatch.setattr(_fused, "MIN_NUMEL", 1 << 62)
+    expected = bt.BatchNorm(5)(x)
+    assert torch.equal(y, expected)

@@ -17,8 +17,11 @@ and the backward stays accurate when ``|mean|`` is far larger than the spread (t
 error grows with ``|mean| / sigma``; working on ``x - p`` keeps it near the rounding of the
 data itself). Each pass walks x in cache-sized chunks (see the kernels' notes): the forward
 reads x twice and writes y, the backward reads x and dy twice and writes dx, in x's memory
-format (``channels_last`` included). An empty ``x`` (a zero batch or spatial size) gives an
-empty ``y`` and leaves the running statistics as they were, as ``torch.nn.BatchNorm2d`` does.
+format (``channels_last`` included). CPU inputs of at least a million elements run the same
+passes as compiled, fused loops instead (:mod:`bnref.torch._fused`: ``torch.compile``, paid
+once per process, ``BNREF_TORCH_FUSED=0`` to turn off). An empty ``x`` (a zero batch or
+spatial size) gives an empty ``y`` and leaves the running statistics as they were, as
+``torch.nn.BatchNorm2d`` does.
 
 The training path is a ``torch.autograd.Function`` with the analytic backward, a forward-mode
 rule (``jvp``: ``torch.func.jvp``, ``torch.autograd.forward_ad``) and a generated vmap rule
@@ -38,6 +41,7 @@ import torch
 
 from bnref._checks import BatchNormArgs, check_batch_norm_args
 from bnref.conventions import DEFAULT, Convention
+from bnref.torch import _fused
 
 __all__ = ["batch_norm"]
 
@@ -145,6 +149,10 @@ def pilot_moments(x: torch.Tensor, axis: int):
     both in the compute dtype, from one pass over ``x`` (see :func:`_pilot_sums`)."""
     dtype = compute_dtype(x.dtype)
     x3 = _rows_of(x, axis)
+    if _fused.usable(x3):
+        fused = _fused.run(_fused.moments, x3, _chunks(x3)[0].stop, dtype)
+        if fused is not None:
+            return fused
     n = x3.shape[0] * x3.shape[2]
     pilot, sum_d, sum_d2 = _pilot_sums(x3, dtype)
     delta = sum_d / n
@@ -169,6 +177,14 @@ def _output_like(x: torch.Tensor, x3: torch.Tensor, axis: int):
     return out, out3
 
 
+def _shaped_like(x: torch.Tensor, out3: torch.Tensor, axis: int) -> torch.Tensor:
+    """A contiguous ``(before, C, after)`` result of the fused kernels as a tensor shaped like
+    ``x``, in the layout :func:`_output_like` gives (``x``'s own where its rows view covers it)."""
+    if x.is_contiguous() or rows_view(x, axis) is None:
+        return out3.view(x.shape)
+    return out3.view(x.movedim(axis, -1).shape).movedim(-1, axis)
+
+
 def _per_channel3(vector: torch.Tensor) -> torch.Tensor:
     return vector.view(1, -1, 1)
 
@@ -180,6 +196,10 @@ def normalized(x: torch.Tensor, pilot: torch.Tensor, delta: torch.Tensor,
     ``x - pilot`` is exact near the pilot, and ``delta`` is small against the spread."""
     dtype = scale.dtype
     x3 = _rows_of(x, axis)
+    if _fused.usable(x3):
+        y3 = _fused.run(_fused.normalized, x3, pilot, delta, scale, shift)
+        if y3 is not None:
+            return _shaped_like(x, y3, axis)
     y, y3 = _output_like(x, x3, axis)
     shift = shift - delta * scale
     pilot, scale, shift = (_per_channel3(v) for v in (pilot, scale, shift))
@@ -203,6 +223,10 @@ def gradient_sums(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
     dtype = pilot.dtype
     x3 = _rows_of(x, axis)
     dy3 = _rows_like(dy, x3, axis)
+    if _fused.usable(x3):
+        fused = _fused.run(_fused.gradient_sums, x3, dy3, pilot, delta)
+        if fused is not None:
+            return fused
     summer = _Summer(x3, dtype)
     sum_dy = torch.zeros(x3.shape[1], dtype=dtype, device=x.device)
     sum_dyd = torch.zeros_like(sum_dy)
@@ -250,6 +274,10 @@ def input_gradient(dy: torch.Tensor, x: torch.Tensor, pilot: torch.Tensor,
     k = -a * sum_dy / n - b * delta
     x3 = _rows_of(x, axis)
     dy3 = _rows_like(dy, x3, axis)
+    if _fused.usable(x3):
+        dx3 = _fused.run(_fused.input_gradient, x3, dy3, pilot, a, b, k)
+        if dx3 is not None:
+            return _shaped_like(x, dx3, axis)
     dx, dx3 = _output_like(x, x3, axis)
     a, b, k, pilot3 = (_per_channel3(v) for v in (a, b, k, pilot))
     chunks = _chunks(x3)
