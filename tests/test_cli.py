@@ -184,3 +184,59 @@ def test_python_m_bnref_exits_like_the_command_on_bad_arguments():
     assert "usage: bnref" in done.stderr and "frobnicate" in done.stderr
     unknown = _python_m_bnref("check", "--backends", "caffe")
     assert unknown.returncode == 2 and "unknown backends" in unknown.stderr
+
+
+# --- the "sync k=2 == full batch" row ---------------------------------------------------------
+
+
+def _numpy_sync_runner(synchronized: bool):
+    """A stand-in for an engine's 2-worker unit (``SYNC_RUNNERS``' signature), in numpy:
+    synchronized through the oracle's sync_batch_norm, or each worker on its own shard."""
+    import bnref.numpy as bn
+    from bnref.testing.sync import Synced
+
+    def run(cases):
+        results = []
+        for sc in cases:
+            c, shards = sc.case, sc.shards
+            if synchronized:
+                ys, mean, var = bn.sync_batch_norm(shards, *c.arrays[1:], training=True,
+                                                   **sc.options())
+                means, variances = [mean] * sc.k, [var] * sc.k
+            else:
+                outs = [bn.batch_norm(s, *c.arrays[1:], training=True, **sc.options())
+                        for s in shards]
+                ys, means, variances = (list(part) for part in zip(*outs, strict=True))
+            grads = (None, None, None)
+            if sc.dy is not None:
+                options = {"eps": c.eps, "axis": c.axis, "convention": c.convention}
+                if synchronized:
+                    grads = bn.sync_batch_norm_backward(sc.dys, shards, c.gamma, beta=c.beta,
+                                                        per_shard=True, **options)
+                else:
+                    per = [bn.batch_norm_backward(dy, s, c.gamma, beta=c.beta, **options)
+                           for dy, s in zip(sc.dys, shards, strict=True)]
+                    grads = tuple(list(part) for part in zip(*per, strict=True))
+            results.append(Synced(ys, means, variances, *grads))
+        return results
+
+    return run
+
+
+@pytest.mark.parametrize("synchronized", [True, False], ids=["synchronized", "per-shard"])
+def test_the_sync_row_passes_synchronized_workers_and_fails_per_shard_ones(monkeypatch,
+                                                                           synchronized):
+    """The row bnref check runs for each engine (tested here with a numpy stand-in for the
+    engine; .ci/run's bnref check runs the real 2-worker units): workers that share the
+    statistics pass it, workers that normalise their own shards fail it."""
+    import types
+
+    module = types.ModuleType("bnref_stand_in_sync")
+    module.run = _numpy_sync_runner(synchronized)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.SYNC_RUNNERS, "stand-in", (f"{module.__name__}:run", False))
+    [row] = cli._run_tasks("stand-in", [cli._sync_task("stand-in", NumpyBackend(), 5)])
+    assert row.check == "sync k=2 == full batch"
+    assert row.passed == synchronized, row.detail
+    if not synchronized:  # the detail names a worker's disagreement
+        assert "worker" in row.detail and "[FAIL]" in row.detail

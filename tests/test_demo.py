@@ -124,27 +124,28 @@ def test_the_page_renders_in_headless_chromium(quick64, tmp_path):
 
 @pytest.fixture(scope="module")
 def mlp32():
-    """The MLP runs of numpy and torch at the default settings, float32."""
-    return bnref.demo.run(None, backends=["numpy", "torch"], dtype="float32", progress=False,
-                          models=("mlp",))
+    """The MLP runs of every framework at the default settings, float32 (the CNN's are left
+    out to keep the demo's tests within their 90 s)."""
+    return bnref.demo.run(None, dtype="float32", progress=False, models=("mlp",))
 
 
 def test_bn_helps_the_deep_mlp(mlp32):
     """With the same steps, from the same weights, the MLP with BN ends at a lower training
-    loss (the mean of its last 10 batches) than without: torch and numpy, default settings."""
+    loss (the mean of its last 10 batches) than without: every framework, default settings."""
     metrics = mlp32
-    for backend in ("numpy", "torch"):
+    for backend in BACKENDS:
         with_bn = np.mean(metrics["runs"][f"{backend}/mlp/bnref"]["loss"][-10:])
         without = np.mean(metrics["runs"][f"{backend}/mlp/none"]["loss"][-10:])
         assert with_bn < without, (backend, with_bn, without)
 
 
 def test_the_committed_metrics_are_the_code_as_it_is(mlp32):
-    """The MLP runs of numpy and torch, regenerated at the committed settings, match
+    """The MLP runs of every framework, regenerated at the committed settings, match
     docs/demo/metrics.json within the float32 bound (the pictures in the docs come from it)."""
     committed = json.loads((COMMITTED / "metrics.json").read_text())
     settings = committed["settings"]
     assert settings["dtype"] == "float32" and settings == Settings().as_dict()
+    assert {key.split("/")[0] for key in mlp32["runs"]} == set(BACKENDS)
     for key, run in mlp32["runs"].items():
         difference = relative_difference(run["loss"], committed["runs"][key]["loss"])
         assert difference <= bound(settings["mlp_steps"], U32), (key, difference)
@@ -154,3 +155,57 @@ def test_the_extra_is_named_when_missing(monkeypatch):
     monkeypatch.setattr(bnref.demo, "_NEEDS", {"no_such_module_bnref": "no-such-package"})
     with pytest.raises(bnref.demo.MissingExtra, match=r"bnref\[demo\]"):
         bnref.demo.run(None)
+
+
+def test_the_command_passes_its_options_and_names_the_worst_pair(quick64, monkeypatch,
+                                                                   capsys):
+    """``bnref demo`` as a user types it: its options reach ``bnref.demo.run`` (the quick
+    float64 run above stands in for the run itself), exit 0, the largest difference between
+    the frameworks printed with its pair, and where the page is."""
+    from bnref import cli
+
+    metrics, out = quick64
+    calls = []
+
+    def run(out_dir, **options):
+        calls.append((out_dir, options))
+        return metrics
+
+    monkeypatch.setattr(bnref.demo, "run", run)
+    status = cli.main(["demo", "--quick", "--float64", "--backends", "numpy, torch",
+                       "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert calls == [(str(out), {"backends": ["numpy", "torch"], "quick": True,
+                                 "dtype": "float64", "progress": False})]
+    pairs = metrics["agreement"]["frameworks"]
+    worst = max(pairs, key=pairs.get)
+    assert (f"largest relative loss difference between frameworks: {pairs[worst]:.3g} "
+            f"({worst})") in printed
+    assert f"wrote {out}/index.html" in printed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backends", "caffe"], "backends must be among"),
+    (["--backends", "numpy", "--out", "{tmp}"], "bnref[demo]"),
+], ids=["unknown-backend", "missing-extra"])
+def test_the_command_exits_2_and_says_why(monkeypatch, tmp_path, capsys, argv, message):
+    from bnref import cli
+
+    if message == "bnref[demo]":
+        monkeypatch.setattr(bnref.demo, "_NEEDS", {"no_such_module_bnref": "no-such-package"})
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(["demo", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_jax_runs_need_flax_and_say_so(monkeypatch):
+    from bnref.demo import experiment
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(experiment.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flax" else real(name, *a))
+    assert "jax" not in experiment.available_backends()
+    with pytest.raises(ValueError, match=r"\['jax'\] are not installed here \(they import jax: "
+                                         r"flax\)"):
+        bnref.demo.run(None, backends=["jax"], quick=True)

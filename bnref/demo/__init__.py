@@ -46,7 +46,14 @@ def run(out: str | Path | None = "bnref-demo", *, backends: list[str] | None = N
     or ``"float64"``; ``models``: ``"mlp"`` and/or ``"cnn"``.
     """
     check_extra()
-    from bnref.demo.experiment import BACKENDS, Settings, available_backends, metrics, run_all
+    from bnref.demo.experiment import (
+        BACKENDS,
+        FRAMEWORK_MODULES,
+        Settings,
+        available_backends,
+        metrics,
+        run_all,
+    )
 
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -56,7 +63,8 @@ def run(out: str | Path | None = "bnref-demo", *, backends: list[str] | None = N
             raise ValueError(f"backends must be among {BACKENDS}, got {unknown}")
         missing = [b for b in backends if b not in available_backends()]
         if missing:
-            raise ValueError(f"backends {missing} are not installed here")
+            needs = ", ".join(f"{b}: {FRAMEWORK_MODULES[b]}" for b in missing)
+            raise ValueError(f"backends {missing} are not installed here (they import {needs})")
     settings = Settings.quick(dtype) if quick else Settings(dtype=dtype)
     unknown_models = [m for m in models if m not in ("mlp", "cnn")]
     if unknown_models or not models:

@@ -19,11 +19,14 @@ import numpy as np
 from bnref.demo import data as datasets
 from bnref.demo.core import SGD_FORMS, Hyper, Job, RunResult, initial_weights
 
-__all__ = ["BACKENDS", "Settings", "agreement", "available_backends", "run_all"]
+__all__ = ["BACKENDS", "FRAMEWORK_MODULES", "Settings", "agreement", "available_backends",
+           "run_all"]
 
 BACKENDS = ("numpy", "torch", "jax", "tf", "mxnet")
-_FRAMEWORK = {"numpy": "numpy", "torch": "torch", "jax": "jax", "tf": "tensorflow",
-              "mxnet": "mxnet"}
+# What each backend's runs import: the JAX runs are Flax models trained with optax (which
+# Flax installs).
+FRAMEWORK_MODULES = {"numpy": "numpy", "torch": "torch", "jax": "flax", "tf": "tensorflow",
+                     "mxnet": "mxnet"}
 SEED = 0
 
 
@@ -51,8 +54,8 @@ class Settings:
 
 
 def available_backends() -> list[str]:
-    """The frameworks installed here, in bnref's order."""
-    return [b for b in BACKENDS if importlib.util.find_spec(_FRAMEWORK[b]) is not None]
+    """The frameworks installed here, in bnref's order (JAX's runs need Flax as well)."""
+    return [b for b in BACKENDS if importlib.util.find_spec(FRAMEWORK_MODULES[b]) is not None]
 
 
 def trainer(backend: str):
