@@ -20,6 +20,7 @@ backend_or_skip("mxnet")  # skips this module without mxnet, fails it when mxnet
 import bnref.mxnet as bm  # noqa: E402  (restores numpy.bool before mxnet is imported)
 
 # isort: split
+import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
 from tests.test_conventions import observe_one_step  # noqa: E402
@@ -214,6 +215,47 @@ def test_hybridized_model_with_onednn_off_trains_as_imperative():
     done = subprocess.run([sys.executable, "-c", _RECIPE], capture_output=True, text=True,
                           env=env, timeout=300, check=True)
     assert float(done.stdout.split()[-1]) < 1e-5, done.stdout
+
+
+def test_after_a_convolution_and_before_one_with_onednn_on():
+    """Imperatively, between two oneDNN convolutions (which write their outputs and input
+    gradients in oneDNN's blocked layout): y is the oracle's on the convolution's output and
+    dx the oracle's for the dy the next convolution sends back, run after run. Without the
+    plain-layout copies (bnref.mxnet.layer.plain_layout_copies) 12 of 20 were wrong."""
+    import bnref.numpy as bn
+    from bnref.testing.tolerances import forward_tolerance, gradient_tolerances
+
+    rng = np.random.default_rng(11)
+    before = gluon.nn.Conv2D(16, 3, padding=1, in_channels=8)
+    after = gluon.nn.Conv2D(16, 3, padding=1, in_channels=16)
+    for conv in (before, after):
+        conv.initialize(mx.init.Xavier(rnd_type="gaussian", magnitude=2))
+    x = nd.array(rng.normal(1.0, 2.0, (32, 8, 8, 8)).astype(np.float32))
+    for _ in range(10):
+        h = before(x)  # in oneDNN's layout
+        h.attach_grad()
+        layer = bm.BatchNorm(in_channels=16)
+        layer.initialize()
+        with autograd.record():
+            y = layer(h)
+            loss = (after(nd.relu(y)) ** 2).sum()
+        loss.backward()
+        z = y.copy()  # the dy the second convolution sends back, found on a plain copy
+        z.attach_grad()
+        with autograd.record():
+            again = (after(nd.relu(z)) ** 2).sum()
+        again.backward()
+        h64, dy = h.asnumpy().astype(np.float64), z.grad.asnumpy()
+        expected = bn.batch_norm(h64, None, None, None, None, training=True, axis=1)[0]
+        axes = (0, 2, 3)
+        bound = forward_tolerance(h.asnumpy(), 1, gamma=None, beta=None, eps=1e-5,
+                                  mean=h64.mean(axes), var=h64.var(axes), batch_stats=True)
+        assert_close(y.asnumpy(), expected, bound, "y after a convolution")
+        expected_dx = bn.batch_norm_backward(dy.astype(np.float64), h64, None, axis=1,
+                                             eps=1e-5, convention="mxnet")[0]
+        dx_bound = gradient_tolerances(h.asnumpy(), dy, 1, gamma=None, eps=1e-5,
+                                       param_dtype="float32")[0]
+        assert_close(h.grad.asnumpy(), expected_dx, dx_bound, "dx before a convolution")
 
 
 def test_parameters_move_between_gluon_and_bnref_both_ways(tmp_path):

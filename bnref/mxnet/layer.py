@@ -57,6 +57,22 @@ def _onednn_active() -> bool:
             and os.environ.get("MXNET_MKLDNN_ENABLED", "1") != "0")
 
 
+def plain_layout_copies() -> bool:
+    """Whether bnref's layers copy ``x`` before their custom operator and ``y`` after it
+    (so ``dy`` too, in the backward): with oneDNN on.
+
+    MXNet 1.9.1 hands a Python custom operator an array a oneDNN operator wrote in its blocked
+    layout as if it were plain. Measured with a custom operator that only doubles its input,
+    right after ``Conv2D``, imperatively: 12 of 20 outputs garbage (values of 1e29), and
+    bnref's layer there off by up to 65 or NaN, different from run to run; a ``ReLU`` or a
+    convolution after the operator does the same to ``dy``. An ``identity`` (a copy) on
+    each side gives 0 of 20, and training runs that equal the oneDNN-off ones bit for bit.
+    The copies cost a read and a write of ``x`` and of ``y`` forward, of ``dy`` and ``dx``
+    backward; ``MXNET_MKLDNN_ENABLED=0`` needs none.
+    """
+    return _onednn_active()
+
+
 def hybridization_hazards(flags: dict[str, Any], block: str = "BatchNorm") -> list[str]:
     """What MXNet 1.9.1 gets wrong for a Python custom operator -- bnref's layers run in one,
     as any ``mx.operator.CustomOp`` does -- inside a graph hybridized with ``flags``.
@@ -327,9 +343,14 @@ class BatchNorm(gluon.HybridBlock):
         wide = x if dtype == self._data_dtype else F.cast(x, dtype)
         aux = [a for a in (running_mean, running_var, num_batches_tracked) if a is not None]
         attrs = self._custom_attrs(len(aux))
+        plain = plain_layout_copies()
+        if plain:  # x, and dy in the backward, in the plain layout (see plain_layout_copies)
+            wide = F.identity(wide)
         if attrs["op_type"] == _OP:  # bnref's operator takes x as it is (no recorded reshape)
             y = F.Custom(wide, gamma, beta, *aux, axis=str(self.axis), **attrs)
         else:  # a subclass's operator takes the (before, C, after) view
             y3 = F.Custom(to_view(F, wide, self.axis), gamma, beta, *aux, **attrs)
             y = y3.reshape(x.shape) if isinstance(x, nd.NDArray) else F.reshape_like(y3, x)
+        if plain:
+            y = F.identity(y)
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
