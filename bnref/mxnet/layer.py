@@ -330,6 +330,9 @@ class BatchNorm(gluon.HybridBlock):
             axis=self.axis, convention=self.convention, inspect=_inspect,
             array_type=ARRAY_TYPE)
 
+    def _plain_layout_copies(self) -> bool:
+        return plain_layout_copies()
+
     def _custom_attrs(self, aux: int) -> dict[str, str]:
         """The custom operator's type and attributes (strings, as MXNet passes them)."""
         return {"op_type": _OP, "convention": self.convention.name,
@@ -343,7 +346,7 @@ class BatchNorm(gluon.HybridBlock):
         wide = x if dtype == self._data_dtype else F.cast(x, dtype)
         aux = [a for a in (running_mean, running_var, num_batches_tracked) if a is not None]
         attrs = self._custom_attrs(len(aux))
-        plain = plain_layout_copies()
+        plain = self._plain_layout_copies()
         if plain:  # x, and dy in the backward, in the plain layout (see plain_layout_copies)
             wide = F.identity(wide)
         if attrs["op_type"] == _OP:  # bnref's operator takes x as it is (no recorded reshape)

@@ -60,6 +60,12 @@ What it asks of the calling code (the built-in asks the same, and hangs where th
   static_shape=True)``: with the default ``hybridize()``, MXNet 1.9.1 (oneDNN on) hands the
   custom operators of bnref's layers (BatchNorm's too) stale output gradients, where the
   static graph, the imperative block and ``MXNET_MKLDNN_ENABLED=0`` are right;
+- on CPU contexts with oneDNN on, ``MXNET_MKLDNN_ENABLED=0`` when a oneDNN operator (a
+  convolution) is next to the layer: MXNet 1.9.1 hands a custom operator a oneDNN-layout array
+  as if it were plain (see :func:`bnref.mxnet.layer.plain_layout_copies`), and the copies that
+  fix it for ``BatchNorm`` are extra operators on the shared engine resources above, which
+  stopped 3 CPU contexts from meeting (measured); so with ``num_devices > 1`` the block makes
+  no copies and warns at construction when oneDNN is on;
 - not MXNet's ``NaiveEngine`` (``MXNET_ENGINE_TYPE=NaiveEngine``): it runs each call to the
   end before the next starts, so no device can wait for another (refused at construction).
 
@@ -94,7 +100,7 @@ from mxnet import context, nd
 from bnref._checks import check_batch_norm_args, relaxed_convention
 from bnref.conventions import DEFAULT, Convention
 from bnref.mxnet.functional import ARRAY_TYPE, _inspect
-from bnref.mxnet.layer import BatchNorm, _BatchNormOp, _BatchNormProp
+from bnref.mxnet.layer import BatchNorm, _BatchNormOp, _BatchNormProp, plain_layout_copies
 from bnref.numpy.functional import (
     _float64,
     _gradient_sums,
@@ -444,6 +450,14 @@ class SyncBatchNorm(BatchNorm):
                 or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.num_devices, self.timeout = int(num_devices), float(timeout)
+        if self.num_devices > 1 and plain_layout_copies():
+            warnings.warn(
+                f"bnref.mxnet.SyncBatchNorm(num_devices={self.num_devices}) with oneDNN on: "
+                "MXNet 1.9.1 hands a custom operator the output of a oneDNN operator (a "
+                "convolution) on a CPU context in oneDNN's layout as if it were plain, and the "
+                "copies bnref's BatchNorm makes against it would stall the devices' meeting; "
+                "set MXNET_MKLDNN_ENABLED=0 before MXNet starts when a convolution is next to "
+                "this layer on CPU contexts", RuntimeWarning, stacklevel=2)
         self._key = f"{self.prefix}#{next(_KEYS)}"  # unique even if prefixes repeat
         if self.num_devices > 1:
             _RENDEZVOUS[self._key] = _Rendezvous(self.prefix, self.num_devices, self.timeout)
@@ -486,6 +500,10 @@ class SyncBatchNorm(BatchNorm):
         y3 = F.Custom(x3, gamma, beta, *aux, **self._custom_attrs(len(aux)))
         y = y3.as_np_ndarray().reshape(shape).as_nd_ndarray()
         return y if dtype == self._data_dtype else F.cast(y, self._data_dtype)
+
+    def _plain_layout_copies(self) -> bool:
+        # Extra operators on the shared engine resources can stop the devices from meeting.
+        return self.num_devices == 1 and super()._plain_layout_copies()
 
     def _custom_attrs(self, aux: int) -> dict[str, str]:
         attrs = super()._custom_attrs(aux)
