@@ -88,7 +88,8 @@ def hybridization_hazards(flags: dict[str, Any], block: str = "BatchNorm") -> li
       the operator had just written whenever the operator ran late (a 0.2 s delay in its
       forward lost every update; oneDNN on or off).
 
-    Imperative use (no ``hybridize``) is unaffected.
+    Imperative use (no ``hybridize``) is unaffected by these two. The layout mix-up of
+    :func:`plain_layout_copies` hits imperative use as well; the layer's copies handle it.
     """
     hazards = []
     if flags.get("static_shape"):
