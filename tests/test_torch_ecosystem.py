@@ -535,3 +535,28 @@ def test_compiled_kernels_fall_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(_fused, "MIN_NUMEL", 1 << 62)
     expected = bt.BatchNorm(5)(x)
     assert torch.equal(y, expected)
+
+
+_STRICT = """
+import torch
+import bnref.torch as bt
+from bnref.torch import _fused
+
+_fused.MIN_NUMEL = 0
+x = torch.randn(6, 5, 9, 9, requires_grad=True)
+bt.BatchNorm(5)(x).sum().backward()
+assert _fused._enabled and len(_fused._compiled) == 4, (_fused._enabled, _fused._compiled)
+print("compiled")
+"""
+
+
+def test_compiled_kernels_compile_under_warnings_as_errors():
+    """A user's ``-W error`` (or pytest's ``filterwarnings = error``) must not turn torch's own
+    deprecation warnings while compiling into a failed compile: in a fresh process (where
+    they are first emitted) the compiled kernels run and nothing falls back."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error", "-c", _STRICT], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]

@@ -57,7 +57,10 @@ def run(kernel: Callable, *args):
     if compiled is None:
         compiled = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
     try:
-        with torch.no_grad():
+        # Compiling emits torch's own deprecation warnings, which a user's "-W error" (or
+        # pytest's filterwarnings = error) would turn into a failed compile: not theirs to see.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return compiled(*args)
     except Exception as error:  # any compiler failure means: run the eager kernels
         _enabled = False
