@@ -39,15 +39,23 @@ _enabled = os.environ.get("BNREF_TORCH_FUSED", "1") != "0"
 _compiled: dict[Callable, Callable] = {}
 
 
+def is_transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform, or batched by the legacy vmap
+    that gradcheck's batched-gradient check uses: batched tensors cannot be written through
+    ``out=`` (the eager kernels) nor passed to a compiled function (these)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace these queries (and needs none)
+        return False
+    functorch = torch._C._functorch
+    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
+
+
 def usable(x3: torch.Tensor) -> bool:
     """Whether the ``(before, C, after)`` view ``x3`` goes through the fused kernels."""
     if not _enabled or x3.device.type != "cpu" or x3.numel() < MIN_NUMEL:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    functorch = torch._C._functorch
-    return not (functorch.is_functorch_wrapped_tensor(x3)
-                or functorch.is_legacy_batchedtensor(x3))
+    return not is_transformed(x3)
 
 
 def run(kernel: Callable, *args):

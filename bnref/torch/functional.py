@@ -298,16 +298,6 @@ def _wide(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _is_transformed(t: torch.Tensor) -> bool:
-    """Whether ``t`` is wrapped by a torch.func transform, or batched by the legacy vmap
-    that gradcheck's batched-gradient check uses: batched tensors cannot be written through
-    ``out=``."""
-    if torch.compiler.is_compiling():  # Dynamo cannot trace these queries (and needs none)
-        return False
-    functorch = torch._C._functorch
-    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
-
-
 def _analytic_backward(dy, x, gamma, pilot, delta, invstd, axis):
     """dx, dgamma, dbeta of y = gamma * (x - mean) * invstd + beta, batch statistics.
 
@@ -388,7 +378,7 @@ class _BatchStatistics(torch.autograd.Function):
     def backward(ctx, dy, *_unused):
         x, gamma, pilot, delta, invstd = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
-        if torch.is_grad_enabled() or _is_transformed(dy):
+        if torch.is_grad_enabled() or _fused.is_transformed(dy):
             # create_graph=True, or a torch.func transform over the backward (batched
             # gradients, jacrev): out-of-place differentiable operations.
             return _differentiable_backward(ctx, dy, x, gamma)
